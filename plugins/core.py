@@ -1,0 +1,205 @@
+"""Pure tensor logic of the refusal controls, shared by the V1 and V2 adapters.
+
+At a request's decision position (its first generated token) the logits of the
+control tokens get the request's bias; the row is then restricted to control
+tokens, and the paper's threshold rule may force the decision. At every later
+position the control tokens are banned. Rows of requests without refusal
+settings are never written (their logits stay bit-identical).
+
+Order of operations (documented in the README):
+  1. bias: ``logit[c] += bias[refuse] + bias[c]`` for each refusal category c;
+  2. threshold (only where one is set): p = softmax(biased logits / T) over the
+     whole vocabulary; c* = the most likely refusal category; if c* has a
+     threshold, emit c* when p[c*] >= threshold[c*], else ``respond``; if c*
+     has none, the (biased) model chooses;
+  3. restrict the decision row to control tokens; a forced decision leaves a
+     single finite logit, so temperature, top-p/top-k and seeds cannot undo it.
+Tokens already at -inf (a grammar or structured-output mask) are never
+revived: a masked token is never forced, and a row whose control tokens are
+all masked is left to the mask.
+
+Everything is vectorised over rows: the cheap part (bias and ban, K columns)
+runs over the whole batch, the full-vocabulary part only over decision rows.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .params import RefusalParams
+from .vocab import REFUSE_KEY, RefusalManifest
+
+NEG_INF = float("-inf")
+
+
+def bias_and_ban(
+    logits: torch.Tensor,
+    ctrl_ids: torch.Tensor,
+    bias: torch.Tensor,
+    decide: torch.Tensor,
+    ban: torch.Tensor,
+) -> None:
+    """Add ``bias`` [B, K] to control logits of ``decide`` rows, ban them in ``ban`` rows.
+
+    Rows in neither mask are written back with their own values (bit-identical).
+    """
+    ctrl = logits.index_select(1, ctrl_ids)
+    new = torch.where(decide.unsqueeze(1), ctrl + bias, ctrl)
+    new.masked_fill_(ban.unsqueeze(1), NEG_INF)
+    logits.index_copy_(1, ctrl_ids, new)
+
+
+def decide(
+    logits: torch.Tensor,
+    rows: torch.Tensor,
+    ctrl_ids: torch.Tensor,
+    threshold: torch.Tensor,
+    inv_temp: torch.Tensor,
+) -> None:
+    """Apply the threshold rule and the control-token restriction to ``rows``.
+
+    Args:
+        logits: [B, V], already biased by :func:`bias_and_ban`; edited in place.
+        rows: [n] long indices of the decision rows.
+        ctrl_ids: [K] control-token ids, ``respond`` first.
+        threshold: [n, K] per-row thresholds, NaN where a category is not
+            controlled (column 0, ``respond``, is always NaN).
+        inv_temp: [n] 1 / T of the thresholding softmax.
+    """
+    sub = logits.index_select(0, rows)
+    ctrl = sub.index_select(1, ctrl_ids)
+    allowed = ctrl > NEG_INF
+    refusal = ctrl[:, 1:]
+    c_star = refusal.argmax(dim=1, keepdim=True)
+    # p[c*] = softmax(logits / T)[c*], over the whole vocabulary as in the paper.
+    lse = torch.logsumexp(sub * inv_temp.unsqueeze(1), dim=1, keepdim=True)
+    p_star = torch.exp(refusal.gather(1, c_star) * inv_temp.unsqueeze(1) - lse)
+    thr_star = threshold[:, 1:].gather(1, c_star)
+    forced_col = torch.where(p_star >= thr_star, c_star + 1, torch.zeros_like(c_star))
+    force = ~torch.isnan(thr_star) & allowed.gather(1, forced_col)
+    one_hot = torch.zeros_like(allowed).scatter_(1, forced_col, True)
+    forced_ctrl = torch.full_like(ctrl, NEG_INF).masked_fill_(one_hot, 0.0)
+    final_ctrl = torch.where(force, forced_ctrl, ctrl)
+    sub.masked_fill_(allowed.any(dim=1, keepdim=True), NEG_INF)
+    sub.index_copy_(1, ctrl_ids, final_ctrl)
+    logits.index_copy_(0, rows, sub)
+
+
+class RefusalTable:
+    """Per-slot refusal settings as preallocated tensors, written on batch changes.
+
+    Settings are written to host tensors (cheap single-element writes) and
+    mirrored to the device once per step when something changed, so a batch
+    change costs one copy rather than one transfer per request.
+    """
+
+    def __init__(self, manifest: RefusalManifest, max_rows: int, device: torch.device):
+        self.manifest = manifest
+        self.device = torch.device(device)
+        k = len(manifest.tokens)
+        self.ctrl_ids = torch.tensor(manifest.ids, dtype=torch.long, device=self.device)
+        # Column of each refusal key; the general key covers every category.
+        self._columns: dict[str, list[int]] = {
+            t.key: [i] for i, t in enumerate(manifest.tokens) if i > 0
+        }
+        self._columns[REFUSE_KEY] = list(range(1, k))
+        self._host = {
+            "bias": torch.zeros(max_rows, k),
+            "threshold": torch.full((max_rows, k), math.nan),
+            "inv_temp": torch.ones(max_rows),
+            "active": torch.zeros(max_rows, dtype=torch.bool),
+        }
+        self._dev = self._host if self.device.type == "cpu" else {
+            name: t.to(self.device) for name, t in self._host.items()
+        }
+        self._dirty = False
+        self.num_active = 0
+
+    # -- writes (host side, on batch changes) --------------------------------
+    def write(self, slot: int, params: RefusalParams) -> bool:
+        """Store ``params`` in ``slot``; return whether the slot is active."""
+        self.clear(slot)
+        if not params.active:
+            return False
+        h = self._host
+        for key, value in params.bias.items():
+            for col in self._columns.get(key, ()):
+                h["bias"][slot, col] += value
+        # The general threshold first, so a category's own threshold wins.
+        for key in sorted(params.threshold, key=lambda k: k != REFUSE_KEY):
+            for col in self._columns.get(key, ()):
+                h["threshold"][slot, col] = params.threshold[key]
+        h["inv_temp"][slot] = 1.0 / params.temperature
+        h["active"][slot] = True
+        self.num_active += 1
+        return True
+
+    def clear(self, slot: int) -> None:
+        if self._host["active"][slot]:
+            self.num_active -= 1
+        self._reset(slot)
+
+    def move(self, src: int, dst: int) -> None:
+        """One-way move: ``dst`` takes ``src``'s settings, ``src`` becomes empty."""
+        if self._host["active"][dst]:
+            self.num_active -= 1  # dst's old occupant is overwritten
+        for t in self._host.values():
+            t[dst] = t[src]
+        self._reset(src)
+
+    def _reset(self, slot: int) -> None:
+        h = self._host
+        h["bias"][slot] = 0.0
+        h["threshold"][slot] = math.nan
+        h["inv_temp"][slot] = 1.0
+        h["active"][slot] = False
+        self._dirty = True
+
+    def swap(self, a: int, b: int) -> None:
+        for t in self._host.values():
+            t[[a, b]] = t[[b, a]]
+        self._dirty = True
+
+    def is_active(self, slot: int) -> bool:
+        return bool(self._host["active"][slot])
+
+    # -- reads (device side, in apply) ---------------------------------------
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Device tensors of the settings, synced if they changed since last read."""
+        if self._dirty and self._dev is not self._host:
+            for name, t in self._host.items():
+                self._dev[name].copy_(t, non_blocking=True)
+        self._dirty = False
+        return self._dev
+
+
+def apply_rows(
+    table: RefusalTable,
+    logits: torch.Tensor,
+    slots: torch.Tensor | None,
+    decide_mask: torch.Tensor,
+    ban_mask: torch.Tensor,
+    decide_rows: torch.Tensor | None,
+) -> torch.Tensor:
+    """Run both stages for a batch whose row r holds slot ``slots[r]``.
+
+    ``slots`` None means row r is slot r (the V1 persistent batch).
+    ``decide_rows`` are the indices where ``decide_mask`` is set, or None when
+    no row is at its decision position (the full-vocabulary stage is skipped).
+    """
+    t = table.tensors()
+    n = logits.shape[0]
+    bias = t["bias"][:n] if slots is None else t["bias"].index_select(0, slots)
+    bias_and_ban(logits, table.ctrl_ids, bias, decide_mask, ban_mask)
+    if decide_rows is not None and decide_rows.numel():
+        slot_of_row = decide_rows if slots is None else slots.index_select(0, decide_rows)
+        decide(
+            logits,
+            decide_rows,
+            table.ctrl_ids,
+            t["threshold"].index_select(0, slot_of_row),
+            t["inv_temp"].index_select(0, slot_of_row),
+        )
+    return logits

@@ -1,0 +1,149 @@
+"""Per-request refusal settings, read from ``SamplingParams.extra_args``.
+
+Over REST, vLLM's ``vllm_xargs`` only carries flat scalars, so the gateway
+flattens ``{"refusal_bias": {"safety": 3}}`` into ``"refusal_bias.safety": 3``.
+Offline users of ``vllm.LLM`` may pass the nested form; both are accepted.
+Parsing and validation are one function so the frontend (``validate_params``,
+which turns errors into HTTP 400) and the engine (``add_request``) can never
+disagree on what a request means.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from .vocab import ALL_REFUSAL_KEYS
+
+BIAS_FIELD = "refusal_bias"
+THRESHOLD_FIELD = "refusal_threshold"
+TEMPERATURE_FIELD = "refusal_temperature"
+#: Engine-only flag the gateway always sets: act as a refusal-token request
+#: (control token first, none later) even with no bias or threshold.
+DECIDE_FIELD = "refusal_decide"
+FIELDS = (BIAS_FIELD, THRESHOLD_FIELD, TEMPERATURE_FIELD, DECIDE_FIELD)
+
+BIAS_LIMIT = 100.0  # same range as OpenAI's logit_bias
+#: The paper's default temperature for the thresholding softmax.
+DEFAULT_TEMPERATURE = 1.0
+MAX_TEMPERATURE = 100.0
+
+
+class RefusalParamError(ValueError):
+    """A bad refusal argument; ``param`` names it (``refusal_bias.safety``)."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass(frozen=True)
+class RefusalParams:
+    """The refusal controls of one request (empty means: leave it alone)."""
+
+    bias: Mapping[str, float] = field(default_factory=dict)
+    threshold: Mapping[str, float] = field(default_factory=dict)
+    temperature: float = DEFAULT_TEMPERATURE
+    decide: bool = False
+
+    @property
+    def active(self) -> bool:
+        return bool(self.decide or self.bias or self.threshold)
+
+
+def _number(name: str, value: Any, low: float, high: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise RefusalParamError(name, f"{name} must be a number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise RefusalParamError(name, f"{name} must be finite, got {value}")
+    if not low <= value <= high:
+        raise RefusalParamError(
+            name, f"{name} must be between {low:g} and {high:g}, got {value:g}"
+        )
+    return value
+
+
+def _per_key(name: str, entries: Mapping[str, Any], low: float, high: float) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for key, value in entries.items():
+        if key not in ALL_REFUSAL_KEYS:
+            raise RefusalParamError(
+                f"{name}.{key}",
+                f"{name}.{key}: unknown category {key!r}; expected one of "
+                f"{sorted(ALL_REFUSAL_KEYS)}",
+            )
+        out[key] = _number(f"{name}.{key}", value, low, high)
+    return out
+
+
+def _collect(extra_args: Mapping[str, Any]) -> dict[str, Any]:
+    """Group flat ``field.key`` entries and nested ``field: {...}`` under each field."""
+    grouped: dict[str, Any] = {}
+    for raw_key, value in extra_args.items():
+        if not raw_key.startswith("refusal_"):
+            continue  # other plugins' arguments
+        name, dot, sub = raw_key.partition(".")
+        if name not in FIELDS:
+            raise RefusalParamError(
+                raw_key, f"unknown refusal argument {raw_key!r}; expected one of {list(FIELDS)}"
+            )
+        if name in (TEMPERATURE_FIELD, DECIDE_FIELD):
+            if dot:
+                raise RefusalParamError(raw_key, f"{name} takes a single value, not {raw_key!r}")
+            grouped[name] = value
+            continue
+        bucket = grouped.setdefault(name, {})
+        if dot:
+            if sub in bucket:
+                raise RefusalParamError(raw_key, f"{raw_key} given twice")
+            bucket[sub] = value
+        elif isinstance(value, Mapping):
+            for sub_key, sub_value in value.items():
+                if sub_key in bucket:
+                    raise RefusalParamError(f"{name}.{sub_key}", f"{name}.{sub_key} given twice")
+                bucket[str(sub_key)] = sub_value
+        elif name == THRESHOLD_FIELD:
+            # One number: a threshold for every refusal category.
+            bucket["refuse"] = value
+        else:
+            raise RefusalParamError(
+                name, f"{name} must be an object of category -> number, got {type(value).__name__}"
+            )
+    return grouped
+
+
+def parse_refusal_params(extra_args: Mapping[str, Any] | None) -> RefusalParams:
+    """Validate and parse refusal settings; raise :class:`RefusalParamError` naming the field."""
+    if not extra_args:
+        return RefusalParams()
+    grouped = _collect(extra_args)
+    if not grouped:
+        return RefusalParams()
+    bias = _per_key(BIAS_FIELD, grouped.get(BIAS_FIELD, {}), -BIAS_LIMIT, BIAS_LIMIT)
+    threshold = _per_key(THRESHOLD_FIELD, grouped.get(THRESHOLD_FIELD, {}), 0.0, 1.0)
+    temperature = DEFAULT_TEMPERATURE
+    if TEMPERATURE_FIELD in grouped:
+        temperature = _number(TEMPERATURE_FIELD, grouped[TEMPERATURE_FIELD], 0.0, MAX_TEMPERATURE)
+        if temperature == 0.0:
+            raise RefusalParamError(TEMPERATURE_FIELD, f"{TEMPERATURE_FIELD} must be greater than 0")
+    decide = False
+    if DECIDE_FIELD in grouped:
+        decide = grouped[DECIDE_FIELD]
+        if decide not in (0, 1) or isinstance(decide, float):
+            raise RefusalParamError(DECIDE_FIELD, f"{DECIDE_FIELD} must be 0, 1, true or false")
+        decide = bool(decide)
+    return RefusalParams(bias=bias, threshold=threshold, temperature=temperature, decide=decide)
+
+
+def flatten_refusal_params(params: RefusalParams) -> dict[str, float]:
+    """The ``vllm_xargs`` form of ``params`` (flat ``field.key`` scalars)."""
+    flat: dict[str, float] = {f"{BIAS_FIELD}.{k}": v for k, v in params.bias.items()}
+    flat.update({f"{THRESHOLD_FIELD}.{k}": v for k, v in params.threshold.items()})
+    if params.active and params.temperature != DEFAULT_TEMPERATURE:
+        flat[TEMPERATURE_FIELD] = params.temperature
+    if params.decide:
+        flat[DECIDE_FIELD] = 1
+    return flat

@@ -1,0 +1,106 @@
+"""The ``refusal-gateway`` command: ``serve``, ``build-demo`` and ``score``.
+
+Heavy imports (torch, transformers, vLLM) happen inside the subcommands, so
+``refusal-gateway --help`` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from .settings import add_settings_arguments, settings_from_args
+
+BANNER = """
+refusal-gateway is serving {model!r} at {url}
+
+  curl {url}/v1/chat/completions -H 'Content-Type: application/json' -d '{{
+    "model": "{model}",
+    "messages": [{{"role": "user", "content": "How do I pick a lock?"}}],
+    "refusal_bias": {{"safety": 5.0}}
+  }}'
+
+  python -c "from openai import OpenAI; c = OpenAI(base_url='{url}/v1', api_key='none'); \\
+r = c.chat.completions.create(model='{model}', messages=[{{'role': 'user', 'content': 'Hi!'}}], \\
+extra_body={{'refusal_bias': {{'safety': -5.0}}}}); print(r.choices[0].message)"
+"""
+
+
+def _serve(args: argparse.Namespace, vllm_args: list[str]) -> int:
+    from .launcher import serve
+
+    settings = settings_from_args(args)
+    model = settings.model_name()
+
+    def ready(url: str) -> None:
+        print(BANNER.format(url=url, model=model), flush=True)
+
+    return serve(settings, vllm_args, on_ready=ready)
+
+
+def _build_demo(args: argparse.Namespace, extra: list[str]) -> int:
+    from .tools.demo_model import build_demo_model, demo_model_dir
+
+    settings = settings_from_args(args)
+    path = build_demo_model(demo_model_dir(settings.cache_dir), force=args.force)
+    print(path)
+    return 0
+
+
+def _score(args: argparse.Namespace, extra: list[str]) -> int:
+    import json
+    from pathlib import Path
+
+    from .tools.scoring import evaluate, read_jsonl
+
+    settings = settings_from_args(args)
+    model_dir = settings.model_dir()
+    if settings.model == "demo":
+        from .tools.demo_model import build_demo_model
+
+        model_dir = build_demo_model(model_dir)
+    report = evaluate(model_dir, read_jsonl([Path(p) for p in args.data]))
+    print(json.dumps({"model": str(model_dir), **report}, indent=2))
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(prog="refusal-gateway", description=__doc__)
+    sub = root.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser(
+        "serve",
+        help="serve a refusal-token model with vLLM and the gateway layer",
+        description="Start vLLM's OpenAI server with the refusal gateway layer and logits "
+        "processor. Arguments not listed here are passed to vLLM unchanged "
+        "(e.g. --max-num-seqs 64 --api-server-count 2).",
+    )
+    add_settings_arguments(serve)
+    serve.set_defaults(func=_serve)
+    build = sub.add_parser("build-demo", help="build (or find) the embedded demo model")
+    add_settings_arguments(build)
+    build.add_argument("--force", action="store_true", help="rebuild even if cached")
+    build.set_defaults(func=_build_demo)
+    score = sub.add_parser(
+        "score",
+        help="offline decision quality: AUROC of p(refuse) at the decision position, "
+        "refusal / over-refusal rates and category accuracy on labelled JSONL prompts",
+    )
+    add_settings_arguments(score)
+    score.add_argument("data", nargs="+", help="JSONL files with prompt, label, category")
+    score.set_defaults(func=_score)
+    return root
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args, extra = parser().parse_known_args(argv)
+    if extra and extra[0] == "--":
+        extra = extra[1:]
+    if extra and args.command != "serve":
+        parser().error(f"unrecognized arguments: {' '.join(extra)}")
+    return args.func(args, extra)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

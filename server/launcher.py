@@ -1,0 +1,168 @@
+"""``refusal-gateway serve``: settings -> one ``vllm serve`` command, supervised.
+
+The launcher adds nothing to the request path: it resolves the model (building
+the demo model on first use), import-checks the layer and the processor (a
+wrong dotted path would otherwise fail only after the engine has loaded),
+starts vLLM's OpenAI server with ``--middleware`` and ``--logits-processors``,
+forwards every unrecognised argument to vLLM untouched, and restarts the
+server with back-off if it dies.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from refusal_plugins.vocab import RefusalManifest
+
+from .settings import DEMO_MODEL, GatewaySettings
+
+logger = logging.getLogger(__name__)
+
+MIDDLEWARE = "refusal_gateway.middleware.RefusalGatewayMiddleware"
+PROCESSORS = {
+    "v1": "refusal_plugins.v1:RefusalLogitsProcessor",
+    "v2": "refusal_plugins.v2:RefusalLogitsProcessorV2",
+}
+VLLM_SERVER = "vllm.entrypoints.openai.api_server"
+MAX_BACKOFF_S = 60.0
+
+
+def resolve_runner(settings: GatewaySettings, environ: dict[str, str]) -> str:
+    """Which model runner vLLM will use; the launcher pins it so the processor matches."""
+    if settings.model_runner != "auto":
+        return settings.model_runner
+    explicit = environ.get("VLLM_USE_V2_MODEL_RUNNER")
+    if explicit is not None:
+        return "v2" if explicit.strip().lower() in ("1", "true") else "v1"
+    import torch
+
+    return "v2" if torch.cuda.is_available() else "v1"
+
+
+def resolve_model(settings: GatewaySettings) -> Path:
+    """The model directory, building the demo model if it is asked for and missing."""
+    if settings.model == DEMO_MODEL:
+        from .tools.demo_model import build_demo_model, demo_model_dir, is_built
+
+        model_dir = demo_model_dir(settings.cache_dir)
+        if not is_built(model_dir):
+            logger.info("building the embedded demo model (first run only) in %s", model_dir)
+        return build_demo_model(model_dir)
+    model_dir = settings.model_dir()
+    RefusalManifest.load(model_dir)  # a clear error now rather than after loading
+    return model_dir
+
+
+def check_imports(runner: str) -> None:
+    """Fail fast on a broken middleware or processor path."""
+    module, _, name = MIDDLEWARE.rpartition(".")
+    getattr(importlib.import_module(module), name)
+    module, _, name = PROCESSORS[runner].partition(":")
+    getattr(importlib.import_module(module), name)
+
+
+def build_command(
+    settings: GatewaySettings, model_dir: Path, runner: str, vllm_args: Sequence[str]
+) -> list[str]:
+    cmd = [
+        sys.executable, "-m", VLLM_SERVER,
+        "--model", str(model_dir),
+        "--served-model-name", settings.model_name(),
+        "--host", settings.host,
+        "--port", str(settings.port),
+        "--middleware", MIDDLEWARE,
+        "--logits-processors", PROCESSORS[runner],
+    ]  # fmt: skip
+    dtype = settings.dtype or ("float32" if settings.model == DEMO_MODEL else None)
+    if dtype and "--dtype" not in vllm_args:
+        cmd += ["--dtype", dtype]
+    return cmd + list(vllm_args)
+
+
+def build_env(
+    settings: GatewaySettings, model_dir: Path, runner: str, environ: dict[str, str]
+) -> dict[str, str]:
+    env = dict(environ)
+    env.update(settings.to_env())
+    env["REFUSAL_GATEWAY_MODEL"] = str(model_dir)  # the middleware reads the resolved path
+    env["REFUSAL_GATEWAY_SERVED_MODEL_NAME"] = settings.model_name()
+    env["VLLM_USE_V2_MODEL_RUNNER"] = "1" if runner == "v2" else "0"
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.cpu_kvcache_gib))
+    cores = os.cpu_count() or 1
+    env.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{cores - 1}")
+    env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+    return env
+
+
+def base_url(settings: GatewaySettings) -> str:
+    host = "localhost" if settings.host in ("0.0.0.0", "127.0.0.1", "::") else settings.host
+    return f"http://{host}:{settings.port}"
+
+
+def wait_healthy(url: str, proc: subprocess.Popen, timeout_s: float = 900.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=2) as response:
+                if response.status == 200:
+                    return True
+        except OSError:
+            pass
+        time.sleep(1.0)
+    return False
+
+
+def serve(
+    settings: GatewaySettings,
+    vllm_args: Sequence[str] = (),
+    on_ready: Callable[[str], None] | None = None,
+) -> int:
+    """Run vLLM with the gateway layer until it is stopped; return its exit code."""
+    runner = resolve_runner(settings, dict(os.environ))
+    check_imports(runner)
+    model_dir = resolve_model(settings)
+    cmd = build_command(settings, model_dir, runner, vllm_args)
+    env = build_env(settings, model_dir, runner, dict(os.environ))
+    url = base_url(settings)
+    stopping = threading.Event()
+    proc: subprocess.Popen | None = None
+
+    def stop(signum, _frame):
+        stopping.set()
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signum)
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    restarts, backoff = 0, settings.restart_backoff_s
+    while True:
+        logger.info("starting vLLM (%s runner): %s", runner, " ".join(cmd))
+        started = time.monotonic()
+        proc = subprocess.Popen(cmd, env=env)
+        if on_ready is not None:
+            threading.Thread(
+                target=lambda p=proc: wait_healthy(url, p) and on_ready(url), daemon=True
+            ).start()
+        code = proc.wait()
+        if stopping.is_set():
+            return 0
+        if time.monotonic() - started > 600:
+            restarts, backoff = 0, settings.restart_backoff_s  # it had been healthy a while
+        if restarts >= settings.max_restarts:
+            logger.error("vLLM exited with %s; giving up after %d restarts", code, restarts)
+            return code or 1
+        restarts += 1
+        logger.warning("vLLM exited with %s; restart %d in %.0fs", code, restarts, backoff)
+        if stopping.wait(backoff):
+            return 0
+        backoff = min(backoff * 2, MAX_BACKOFF_S)

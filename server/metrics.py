@@ -1,0 +1,75 @@
+"""Prometheus collectors of the gateway layer, served on vLLM's own ``/metrics``.
+
+vLLM's ``/metrics`` exports prometheus-client's default registry (or its
+multiprocess collector when several API servers run), so collectors registered
+here appear beside vLLM's series. Names start with ``refusal_gateway_``: vLLM
+unregisters foreign ``vllm:*`` collectors. Label values are bounded: model
+names, profile names from the policy file, the manifest's category keys and
+fixed vocabularies below, nothing from free text. Latency, TTFT, queue depth
+and token counts are vLLM's own series; nothing here duplicates them.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter
+
+#: Why the layer answered a request itself (label ``reason``).
+REJECT_REASONS = ("validation", "auth", "policy", "unavailable")
+#: Which refusal controls a request used (label ``controls``).
+CONTROLS = ("none", "bias", "threshold", "bias+threshold")
+NO_PROFILE = "none"
+
+_BY_REGISTRY: dict[int, GatewayMetrics] = {}
+
+
+def reason_for_status(status: int) -> str:
+    return {401: "auth", 403: "policy", 503: "unavailable"}.get(status, "validation")
+
+
+class GatewayMetrics:
+    """The collectors, registered once per registry."""
+
+    def __init__(self, registry: CollectorRegistry):
+        self.control_tokens = Counter(
+            "refusal_gateway_control_tokens",
+            "Control tokens emitted at the decision position, by model, category "
+            "(respond, a refusal category key, or none when no control token came) and profile.",
+            ["model", "category", "profile"],
+            registry=registry,
+        )
+        self.requests = Counter(
+            "refusal_gateway_requests",
+            "Requests accepted by the refusal layer, by the refusal controls they used.",
+            ["model", "controls", "profile"],
+            registry=registry,
+        )
+        self.rejected = Counter(
+            "refusal_gateway_rejected_requests",
+            "Requests the refusal layer answered with an error itself, by reason "
+            "(validation, auth, policy, unavailable).",
+            ["model", "reason"],
+            registry=registry,
+        )
+
+
+class BoundMetrics:
+    """Children bound once for one served model, so the hot path does no label lookup."""
+
+    def __init__(self, metrics: GatewayMetrics, model: str, keys: list[str]):
+        self.control_tokens = {
+            key: metrics.control_tokens.labels(model=model, category=key, profile=NO_PROFILE)
+            for key in keys
+        }
+        self.requests = {
+            c: metrics.requests.labels(model=model, controls=c, profile=NO_PROFILE)
+            for c in CONTROLS
+        }
+        self.rejected = {r: metrics.rejected.labels(model=model, reason=r) for r in REJECT_REASONS}
+
+
+def get_metrics(registry: CollectorRegistry = REGISTRY) -> GatewayMetrics:
+    """The collectors of ``registry`` (created on first use; a registry takes a name once)."""
+    metrics = _BY_REGISTRY.get(id(registry))
+    if metrics is None:
+        metrics = _BY_REGISTRY[id(registry)] = GatewayMetrics(registry)
+    return metrics

@@ -1,0 +1,120 @@
+"""Every knob of refusal-gateway, in one pydantic-settings model.
+
+Sources, highest precedence first: CLI flags of ``refusal-gateway serve``
+(generated from the fields below), environment variables
+``REFUSAL_GATEWAY_<FIELD>``, then the defaults. The launcher resolves the
+settings once and hands them to the vLLM process as environment variables, so
+the middleware inside vLLM (which vLLM builds with no arguments) reads the
+very same model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "REFUSAL_GATEWAY_"
+DEMO_MODEL = "demo"
+
+
+def _default_cache_dir() -> Path:
+    return Path.home() / ".cache" / "refusal-gateway"
+
+
+class GatewaySettings(BaseSettings):
+    """Settings of the launcher and of the gateway layer inside vLLM."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore")
+
+    model: str = Field(
+        DEMO_MODEL,
+        description="Refusal-token model directory (with refusal_manifest.json), or 'demo' "
+        "for the embedded demo model, built on first use.",
+    )
+    served_model_name: str | None = Field(
+        None,
+        description="Model name clients use; default 'refusal-demo' for the demo model, "
+        "else the model directory's name.",
+    )
+    host: str = Field("127.0.0.1", description="Interface to listen on (0.0.0.0 in containers).")
+    port: int = Field(8000, ge=1, le=65535, description="HTTP port.")
+    refusal_content: Literal["null", "copy"] = Field(
+        "null",
+        description="What 'content' holds when a choice is refused: 'null' (OpenAI's shape, "
+        "the text is only in 'refusal') or 'copy' (the text in both).",
+    )
+    model_runner: Literal["auto", "v1", "v2"] = Field(
+        "auto",
+        description="vLLM model runner, and so which processor class is loaded: 'auto' "
+        "(V2 on CUDA, V1 elsewhere), 'v1' or 'v2'.",
+    )
+    dtype: str | None = Field(
+        None, description="vLLM --dtype; default float32 for the demo model, vLLM's own otherwise."
+    )
+    cache_dir: Path = Field(
+        default_factory=_default_cache_dir,
+        description="Where the demo model is built and cached.",
+    )
+    cpu_kvcache_gib: int = Field(
+        1, ge=1, description="KV-cache size in GiB on CPU (VLLM_CPU_KVCACHE_SPACE) if not set."
+    )
+    max_restarts: int = Field(
+        5, ge=0, description="Restarts of a crashed vLLM server before the launcher gives up."
+    )
+    restart_backoff_s: float = Field(
+        2.0, gt=0, description="First restart delay in seconds; doubles per restart, up to 60."
+    )
+
+    def model_dir(self) -> Path:
+        """The model directory, building nothing (see the launcher for the demo)."""
+        if self.model == DEMO_MODEL:
+            from .tools.demo_model import demo_model_dir
+
+            return demo_model_dir(self.cache_dir)
+        return Path(self.model).expanduser().resolve()
+
+    def model_name(self) -> str:
+        if self.served_model_name:
+            return self.served_model_name
+        return "refusal-demo" if self.model == DEMO_MODEL else Path(self.model).name
+
+    def to_env(self) -> dict[str, str]:
+        """The settings as environment variables for the vLLM process."""
+        env = {}
+        for name, value in self.model_dump().items():
+            if value is not None:
+                env[ENV_PREFIX + name.upper()] = str(value)
+        return env
+
+
+def _arg_type(annotation: Any) -> tuple[Any, list[str] | None]:
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) is Literal:
+        return str, list(typing.get_args(annotation))
+    if args:
+        return _arg_type(args[0])
+    return (annotation if annotation in (int, float, str, Path) else str), None
+
+
+def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
+    """One ``--flag`` per settings field, with the field's description as help."""
+    for name, field in GatewaySettings.model_fields.items():
+        arg_type, choices = _arg_type(field.annotation)
+        parser.add_argument(
+            "--" + name.replace("_", "-"),
+            dest=name,
+            type=arg_type,
+            choices=choices,
+            default=argparse.SUPPRESS,
+            help=f"{field.description} [env {ENV_PREFIX}{name.upper()}]",
+        )
+
+
+def settings_from_args(namespace: argparse.Namespace) -> GatewaySettings:
+    given = {k: v for k, v in vars(namespace).items() if k in GatewaySettings.model_fields}
+    return GatewaySettings(**given)

@@ -1,0 +1,28 @@
+"""Shared test helpers: where the demo model is cached and where shared data lives."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """``../shared/data`` (licensed prompt sets, read by path, never copied)."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip("../shared/data is not present")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def demo_model_dir() -> Path:
+    """The embedded demo model, built once (cached under REFUSAL_GATEWAY_CACHE_DIR)."""
+    from refusal_gateway.tools.demo_model import build_demo_model, demo_model_dir
+
+    cache = os.environ.get("REFUSAL_GATEWAY_CACHE_DIR")
+    return build_demo_model(demo_model_dir(Path(cache) if cache else None))

@@ -1,0 +1,84 @@
+"""Start the real stack (``refusal-gateway serve`` -> vLLM CPU + layer + processor)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+MODEL_NAME = "refusal-demo"
+
+
+@dataclass(frozen=True)
+class Server:
+    base_url: str
+    model: str
+    model_dir: Path
+    log: Path
+
+    @property
+    def api_url(self) -> str:
+        return self.base_url + "/v1"
+
+    def metrics_text(self) -> str:
+        return httpx.get(self.base_url + "/metrics", timeout=10).text
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def running_server(
+    model_dir: Path,
+    log: Path,
+    args: Sequence[str] = (),
+    env: dict[str, str] | None = None,
+    timeout_s: float = 600,
+) -> Iterator[Server]:
+    port = free_port()
+    cmd = [
+        sys.executable, "-m", "refusal_gateway.cli", "serve",
+        "--model", str(model_dir), "--served-model-name", MODEL_NAME,
+        "--port", str(port), "--dtype", "float32",
+        "--enforce-eager", "--max-model-len", "512", *args,
+    ]  # fmt: skip
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    with log.open("w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=full_env)
+    server = Server(f"http://127.0.0.1:{port}", MODEL_NAME, model_dir, log)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited with {proc.returncode}:\n{_tail(log)}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"server not healthy after {timeout_s}s:\n{_tail(log)}")
+            try:
+                if httpx.get(server.base_url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        yield server
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _tail(log: Path, lines: int = 60) -> str:
+    return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])

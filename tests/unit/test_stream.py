@@ -1,0 +1,82 @@
+"""The SSE rewriter: decisions split across chunks and bytes, refusals, n > 1."""
+
+from __future__ import annotations
+
+import pytest
+
+from refusal_gateway.refusal import ControlText, Decision
+from refusal_gateway.stream import ChatStreamRewriter
+
+from .helpers import categorical_manifest, chunk, parse_sse, sse
+
+
+def run(body: bytes, n: int = 1, copy: bool = False, piece: int | None = None):
+    decisions: list[Decision] = []
+    rewriter = ChatStreamRewriter(ControlText(categorical_manifest()), n, copy, decisions.append)
+    step = piece or len(body)
+    out = b"".join(rewriter.feed(body[i : i + step]) for i in range(0, len(body), step))
+    out += rewriter.close()
+    return parse_sse(out), decisions
+
+
+def texts(events, field="content", index=0):
+    return "".join(
+        (c["delta"].get(field) or "")
+        for e in events if isinstance(e, dict)
+        for c in e["choices"] if c["index"] == index
+    )
+
+
+RESPOND = sse(
+    chunk(0, "", role=True), chunk(0, "[res"), chunk(0, "pond]"), chunk(0, " Paris"),
+    chunk(0, " is nice.", finish="stop"), "[DONE]",
+)
+REFUSE = sse(
+    chunk(0, "", role=True), chunk(0, "[Requests with safety concerns]"), chunk(0, " I can't"),
+    chunk(0, " help.", finish="stop"), "[DONE]",
+)
+
+
+@pytest.mark.parametrize("piece", [None, 1, 7, 64])
+def test_respond_token_split_across_chunks_never_leaks(piece):
+    events, decisions = run(RESPOND, piece=piece)
+    assert texts(events) == "Paris is nice."
+    assert [d.key for d in decisions] == ["respond"]
+    assert events[-1] == "[DONE]"
+    decided = [c for e in events if isinstance(e, dict) for c in e["choices"] if "refusal_decision" in c]
+    assert decided[0]["refusal_decision"] == {"token": "[respond]", "category": None, "refused": False}
+
+
+@pytest.mark.parametrize("piece", [None, 3])
+def test_refusal_text_moves_to_delta_refusal(piece):
+    events, decisions = run(REFUSE, piece=piece)
+    assert texts(events, "refusal") == "I can't help."
+    assert texts(events, "content") == ""
+    assert decisions[0].refused and decisions[0].key == "safety"
+    events, _ = run(REFUSE, copy=True)
+    assert texts(events, "content") == "I can't help."
+
+
+def test_choices_are_tracked_independently():
+    body = sse(
+        chunk(0, "[respond]"), chunk(1, "[Humanizing"), chunk(0, " Yes"), chunk(1, " requests] I"),
+        chunk(1, " am an AI.", finish="stop"), chunk(0, ".", finish="stop"), "[DONE]",
+    )
+    events, decisions = run(body, n=2)
+    assert texts(events, "content", 0) == "Yes."
+    assert texts(events, "refusal", 1) == "I am an AI."
+    assert sorted(d.key for d in decisions) == ["humanizing", "respond"]
+
+
+def test_stream_ending_before_a_token_completes_still_decides():
+    events, decisions = run(sse(chunk(0, "[resp", finish="length"), "[DONE]"))
+    assert decisions[0].key == "none"
+    assert texts(events) == "[resp"
+
+
+def test_passthrough_after_all_choices_respond_keeps_bytes():
+    tail = b'data: {"not": "parsed", "choices": [{"index": 0, "delta": {"content": "x"}}]}\n\n'
+    decisions: list[Decision] = []
+    rewriter = ChatStreamRewriter(ControlText(categorical_manifest()), 1, False, decisions.append)
+    rewriter.feed(sse(chunk(0, "[respond] hi")))
+    assert rewriter.feed(tail) == tail
