@@ -72,12 +72,17 @@ def running_server(
             time.sleep(1)
         yield server
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, timeout_s=60)
+
+
+def stop_process(proc: subprocess.Popen, timeout_s: float = 30) -> None:
+    """Terminate ``proc``, killing it if it does not exit in time."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def _tail(log: Path, lines: int = 60) -> str:

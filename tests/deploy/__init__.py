@@ -1,0 +1,1 @@
+"""Offline checks of the deployment files (Docker, compose, Prometheus, Grafana, k8s)."""

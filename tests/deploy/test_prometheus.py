@@ -1,0 +1,123 @@
+"""Offline checks of the Prometheus config and rules with Prometheus' own promtool.
+
+promtool parses PromQL exactly as the server does, so a typo in a rule fails
+here rather than at deploy time; `promtool test rules` fires every alert on
+synthetic series. The checks that need no promtool tie the rules to the
+metrics the gateway really exports and to the runbook in deploy/README.md.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from tests.tools import unless_available
+
+from . import observability as obs
+
+PROMTOOL = shutil.which("promtool")
+needs_promtool = unless_available(
+    PROMTOOL is not None, "promtool not installed (Debian: apt-get install prometheus)"
+)
+
+
+def _promtool(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    assert PROMTOOL is not None
+    return subprocess.run(
+        [PROMTOOL, *map(str, args)], capture_output=True, text=True, timeout=120, check=False
+    )
+
+
+@needs_promtool
+def test_promtool_check_config() -> None:
+    # --syntax-only: the rule_files glob names container paths (/etc/prometheus/rules).
+    result = _promtool("check", "config", "--syntax-only", obs.PROMETHEUS_CONFIG)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@needs_promtool
+@pytest.mark.parametrize("path", obs.rule_files(), ids=lambda p: p.name)
+def test_promtool_check_rules(path: Path) -> None:
+    result = _promtool("check", "rules", path)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@needs_promtool
+@pytest.mark.parametrize("path", sorted(obs.RULE_TESTS_DIR.glob("*.yml")), ids=lambda p: p.name)
+def test_promtool_rule_unit_tests(path: Path) -> None:
+    """Each alert fires on synthetic series that should trigger it, and stays quiet otherwise."""
+    result = _promtool("test", "rules", path)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_rule_files_exist_and_are_loaded_by_the_config() -> None:
+    assert obs.rule_files(), "no rule files in deploy/prometheus/rules"
+    config = obs.load_yaml(obs.PROMETHEUS_CONFIG)
+    assert config["rule_files"] == ["/etc/prometheus/rules/*.yml"]
+
+
+def test_scrape_job_name_is_the_one_rules_and_dashboards_use() -> None:
+    config = obs.load_yaml(obs.PROMETHEUS_CONFIG)
+    jobs = [c["job_name"] for c in config["scrape_configs"]]
+    assert obs.JOB in jobs
+
+
+def test_every_alert_follows_the_threshold_convention() -> None:
+    """The e2e proof evaluates each alert's data side; a free-form expr would escape it."""
+    alerts = [r for r in obs.all_rules() if "alert" in r]
+    assert alerts
+    for rule in alerts:
+        clauses = obs.alert_clauses(rule["alert"], rule["expr"])  # raises if not
+        assert clauses[0].threshold is not None
+
+
+def test_alerts_carry_severity_summary_and_a_runbook_section() -> None:
+    readme = (obs.DEPLOY / "README.md").read_text(encoding="utf-8")
+    anchors = {_anchor(h) for h in re.findall(r"^#+\s+(.+?)\s*$", readme, re.MULTILINE)}
+    names = [r["alert"] for r in obs.all_rules() if "alert" in r]
+    assert len(names) == len(set(names)), "alert names must be unique"
+    for rule in obs.all_rules():
+        if "alert" not in rule:
+            continue
+        assert rule["labels"]["severity"] in ("critical", "warning"), rule["alert"]
+        assert rule["annotations"]["summary"], rule["alert"]
+        runbook = rule["annotations"]["runbook"]
+        assert runbook == f"deploy/README.md#{rule['alert'].lower()}", rule["alert"]
+        assert rule["alert"].lower() in anchors, f"deploy/README.md has no section {rule['alert']}"
+
+
+def test_recording_rules_used_are_defined() -> None:
+    defined = {r["record"] for r in obs.all_rules() if "record" in r}
+    used = set()
+    for expr in [r["expr"] for r in obs.all_rules()] + [q.expr for q in obs.all_panel_queries()]:
+        used |= set(re.findall(r"\b(refusal_gateway:[a-z0-9_:]+)", expr))
+    assert used <= defined, f"undefined recording rules: {sorted(used - defined)}"
+
+
+def test_gateway_series_used_exist_in_the_gateway() -> None:
+    """Every refusal_gateway_* series a rule or panel reads is one server/metrics.py exports."""
+    from refusal_gateway.metrics import get_metrics
+
+    registry = CollectorRegistry()
+    get_metrics(registry)
+    exported = {
+        sample_name
+        for family in registry.collect()
+        for sample_name in (family.name + "_total", family.name + "_created", family.name)
+    }
+    used = set()
+    for expr in [r["expr"] for r in obs.all_rules()] + [q.expr for q in obs.all_panel_queries()]:
+        used |= set(re.findall(r"\b(refusal_gateway_[a-z0-9_]+)", expr))
+    assert used, "no gateway series referenced at all"
+    assert used <= exported, f"not exported by refusal_gateway.metrics: {sorted(used - exported)}"
+
+
+def _anchor(heading: str) -> str:
+    """GitHub's anchor for a Markdown heading."""
+    text = re.sub(r"[`*]", "", heading).strip().lower()
+    return re.sub(r"[^\w\- ]", "", text).replace(" ", "-")
