@@ -65,6 +65,14 @@ def _score(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace, extra: list[str]) -> int:
+    from .tools.train import options_from_args, train_refusal_model
+
+    result = train_refusal_model(options_from_args(args))
+    print(result.out)
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="refusal-gateway", description=__doc__)
     sub = root.add_subparsers(dest="command", required=True)
@@ -89,6 +97,17 @@ def parser() -> argparse.ArgumentParser:
     add_settings_arguments(score)
     score.add_argument("data", nargs="+", help="JSONL files with prompt, label, category")
     score.set_defaults(func=_score)
+    from .tools.train import add_arguments as add_train_arguments
+
+    train = sub.add_parser(
+        "train",
+        help="make a local Hugging Face causal LM a refusal-token model (SFT on labelled JSONL)",
+        description="Add the control tokens, fine-tune (full or --lora) so the first assistant "
+        "token is [respond] or a refusal token, and write a vLLM-ready model directory with "
+        "refusal_manifest.json. See refusal_gateway.tools.train for the recipe.",
+    )
+    add_train_arguments(train)
+    train.set_defaults(func=_train)
     return root
 
 

@@ -135,27 +135,53 @@ def serve(
     env = build_env(settings, model_dir, runner, dict(os.environ))
     url = base_url(settings)
     stopping = threading.Event()
-    proc: subprocess.Popen | None = None
+    procs: list[subprocess.Popen] = []
 
     def stop(signum, _frame):
         stopping.set()
-        if proc is not None and proc.poll() is None:
-            proc.send_signal(signum)
+        if procs and procs[-1].poll() is None:
+            procs[-1].send_signal(signum)
 
-    signal.signal(signal.SIGINT, stop)
-    signal.signal(signal.SIGTERM, stop)
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return _supervise(settings, cmd, env, url, stopping, on_ready, procs.append)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _supervise(
+    settings: GatewaySettings,
+    cmd: list[str],
+    env: dict[str, str],
+    url: str,
+    stopping: threading.Event,
+    on_ready: Callable[[str], None] | None,
+    started_proc: Callable[[subprocess.Popen], None],
+) -> int:
+    """Run ``cmd``; restart it with back-off while it keeps dying after having served."""
     restarts, backoff = 0, settings.restart_backoff_s
     while True:
-        logger.info("starting vLLM (%s runner): %s", runner, " ".join(cmd))
+        logger.info("starting vLLM: %s", " ".join(cmd))
         started = time.monotonic()
         proc = subprocess.Popen(cmd, env=env)
-        if on_ready is not None:
-            threading.Thread(
-                target=lambda p=proc: wait_healthy(url, p) and on_ready(url), daemon=True
-            ).start()
+        started_proc(proc)
+        healthy = threading.Event()
+
+        def watch(p: subprocess.Popen = proc, ready: threading.Event = healthy) -> None:
+            if wait_healthy(url, p):
+                ready.set()
+                if on_ready is not None:
+                    on_ready(url)
+
+        threading.Thread(target=watch, daemon=True).start()
         code = proc.wait()
         if stopping.is_set():
             return 0
+        if not healthy.is_set():
+            # It never served: a configuration error, which a restart only repeats.
+            logger.error("vLLM exited with %s before it became healthy; not restarting", code)
+            return code or 1
         if time.monotonic() - started > 600:
             restarts, backoff = 0, settings.restart_backoff_s  # it had been healthy a while
         if restarts >= settings.max_restarts:

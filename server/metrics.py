@@ -11,6 +11,8 @@ and token counts are vLLM's own series; nothing here duplicates them.
 
 from __future__ import annotations
 
+import weakref
+
 from prometheus_client import REGISTRY, CollectorRegistry, Counter
 
 #: Why the layer answered a request itself (label ``reason``).
@@ -19,7 +21,9 @@ REJECT_REASONS = ("validation", "auth", "policy", "unavailable")
 CONTROLS = ("none", "bias", "threshold", "bias+threshold")
 NO_PROFILE = "none"
 
-_BY_REGISTRY: dict[int, GatewayMetrics] = {}
+_BY_REGISTRY: weakref.WeakKeyDictionary[CollectorRegistry, GatewayMetrics] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def reason_for_status(status: int) -> str:
@@ -53,23 +57,29 @@ class GatewayMetrics:
 
 
 class BoundMetrics:
-    """Children bound once for one served model, so the hot path does no label lookup."""
+    """Children bound once for one served model, so the hot path does no label lookup.
 
-    def __init__(self, metrics: GatewayMetrics, model: str, keys: list[str]):
+    Profiles come from the policy file, so every label set is known up front.
+    """
+
+    def __init__(self, metrics: GatewayMetrics, model: str, keys: list[str], profiles: list[str]):
+        names = [NO_PROFILE, *profiles]
         self.control_tokens = {
-            key: metrics.control_tokens.labels(model=model, category=key, profile=NO_PROFILE)
+            (key, p): metrics.control_tokens.labels(model=model, category=key, profile=p)
             for key in keys
+            for p in names
         }
         self.requests = {
-            c: metrics.requests.labels(model=model, controls=c, profile=NO_PROFILE)
+            (c, p): metrics.requests.labels(model=model, controls=c, profile=p)
             for c in CONTROLS
+            for p in names
         }
         self.rejected = {r: metrics.rejected.labels(model=model, reason=r) for r in REJECT_REASONS}
 
 
 def get_metrics(registry: CollectorRegistry = REGISTRY) -> GatewayMetrics:
     """The collectors of ``registry`` (created on first use; a registry takes a name once)."""
-    metrics = _BY_REGISTRY.get(id(registry))
+    metrics = _BY_REGISTRY.get(registry)
     if metrics is None:
-        metrics = _BY_REGISTRY[id(registry)] = GatewayMetrics(registry)
+        metrics = _BY_REGISTRY[registry] = GatewayMetrics(registry)
     return metrics

@@ -3,10 +3,11 @@
     vllm serve MODEL --middleware refusal_gateway.middleware.RefusalGatewayMiddleware \
         --logits-processors refusal_plugins.v1:RefusalLogitsProcessor
 
-It owns ``POST /v1/chat/completions``: the request body is validated and
-rewritten before vLLM's handler sees it, and the response is rewritten on its
-way out (decision read, control token hidden, refusal text moved to
-``refusal``). Every other path goes straight to vLLM. vLLM builds the class
+It owns ``POST /v1/chat/completions`` and ``POST /v1/completions``: the request
+body is validated and rewritten before vLLM's handler sees it, and the response
+is rewritten on its way out (decision read, control token hidden, chat refusal
+text moved to ``refusal``). Every other path goes straight to vLLM (after the
+API-key check, when keys are configured). vLLM builds the class
 with no arguments, so configuration comes from the environment the launcher
 sets (see :mod:`refusal_gateway.settings`).
 """
@@ -15,35 +16,102 @@ from __future__ import annotations
 
 import json
 import logging
+import time
+import uuid
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from refusal_plugins.vocab import RefusalManifest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .errors import GatewayError, bad_request, send_error
-from .metrics import BoundMetrics, get_metrics, reason_for_status
-from .protocol import RequestPlan, prepare_chat_request
-from .refusal import ControlText, Decision, place_text, strip_logprobs
+from .metrics import NO_PROFILE, BoundMetrics, get_metrics, reason_for_status
+from .policy import ApiKey, Policy
+from .protocol import RequestPlan, prepare_chat_request, prepare_completion_request
+from .refusal import (
+    CHAT_DELTA,
+    CHAT_MESSAGE,
+    COMPLETION_TEXT,
+    ControlText,
+    Decision,
+    TextShape,
+    strip_logprobs,
+)
 from .settings import GatewaySettings
-from .stream import ChatStreamRewriter
+from .stream import StreamRewriter
 
 logger = logging.getLogger(__name__)
+#: One JSON line per request the layer handles (its own logger, so it can be routed).
+access_log = logging.getLogger("refusal_gateway.access")
 
-CHAT_PATH = "/v1/chat/completions"
+@dataclass(frozen=True)
+class Route:
+    """One endpoint the layer owns: how its request is prepared, where its text lives."""
+
+    prepare: Callable[..., RequestPlan]
+    message: TextShape
+    delta: TextShape
+
+
+ROUTES = {
+    "/v1/chat/completions": Route(prepare_chat_request, CHAT_MESSAGE, CHAT_DELTA),
+    "/v1/completions": Route(prepare_completion_request, COMPLETION_TEXT, COMPLETION_TEXT),
+}
+#: Paths that stay open when API keys are configured (probes and scrapes).
+OPEN_PATHS = frozenset({"/health", "/ping", "/metrics", "/version"})
+
+
+@dataclass
+class RequestLog:
+    """The one log line of a request: who, what was asked, what was decided, how long."""
+
+    request_id: str
+    path: str
+    model: str
+    started: float = field(default_factory=time.perf_counter)
+    status: int | None = None
+    profile: str | None = None
+    controls: str | None = None
+    decisions: list[str] = field(default_factory=list)
+    error: str | None = None
+
+    def emit(self) -> None:
+        if not access_log.isEnabledFor(logging.INFO):
+            return
+        line = {
+            "request_id": self.request_id,
+            "path": self.path,
+            "model": self.model,
+            "status": self.status,
+            "profile": self.profile,
+            "controls": self.controls,
+            "decisions": self.decisions,
+            "latency_ms": round((time.perf_counter() - self.started) * 1e3, 1),
+        }
+        if self.error:
+            line["error"] = self.error
+        access_log.info(json.dumps(line))
 
 
 class Gateway:
     """The refusal service of one served model: manifest, text handling, metrics."""
 
-    def __init__(self, settings: GatewaySettings, manifest: RefusalManifest, registry=None):
+    def __init__(
+        self,
+        settings: GatewaySettings,
+        manifest: RefusalManifest,
+        policy: Policy | None = None,
+        registry=None,
+    ):
         self.settings = settings
         self.manifest = manifest
+        self.policy = policy or Policy.load(settings.policy_file)
         self.control = ControlText(manifest)
         self.model_name = settings.model_name()
         metrics = get_metrics() if registry is None else get_metrics(registry)
         keys = [t.key for t in manifest.tokens] + ["none"]
-        self.metrics = BoundMetrics(metrics, self.model_name, keys)
+        self.metrics = BoundMetrics(metrics, self.model_name, keys, self.policy.profile_names)
 
     @classmethod
     def from_settings(cls, settings: GatewaySettings) -> Gateway:
@@ -53,46 +121,59 @@ class Gateway:
     def copy_content(self) -> bool:
         return self.settings.refusal_content == "copy"
 
-    def record(self, decision: Decision) -> None:
-        self.metrics.control_tokens[decision.key].inc()
+    def recorder(self, plan: RequestPlan, log: RequestLog | None = None):
+        """The decision counter of one request (its profile is a label)."""
+        profile = plan.profile or NO_PROFILE
+        counters = self.metrics.control_tokens
+        decisions = log.decisions if log is not None else []
+
+        def record(decision: Decision) -> None:
+            counters[decision.key, profile].inc()
+            decisions.append(decision.key)
+
+        return record
 
     def reject(self, error: GatewayError) -> None:
         self.metrics.rejected[reason_for_status(error.status)].inc()
 
     # -- request side --------------------------------------------------------
-    def prepare(self, raw: bytes) -> tuple[bytes, RequestPlan]:
+    def prepare(
+        self, raw: bytes, route: Route, key: ApiKey | None = None
+    ) -> tuple[bytes, RequestPlan]:
         try:
             body = json.loads(raw)
         except ValueError as e:
             raise bad_request(f"request body is not valid JSON: {e}", code="invalid_json") from None
         if not isinstance(body, dict):
             raise bad_request("request body must be a JSON object", code="invalid_json")
-        plan = prepare_chat_request(body, self.manifest, self.control)
-        self.metrics.requests[plan.controls].inc()
+        plan = route.prepare(body, self.manifest, self.control, self.policy, key)
+        self.metrics.requests[plan.controls, plan.profile or NO_PROFILE].inc()
         return json.dumps(body, ensure_ascii=False).encode(), plan
 
     # -- response side -------------------------------------------------------
-    def rewrite_completion(self, payload: Any) -> None:
-        """Rewrite a non-streamed chat completion in place."""
+    def rewrite_completion(
+        self, payload: Any, plan: RequestPlan, shape: TextShape, log: RequestLog | None = None
+    ) -> None:
+        """Rewrite a non-streamed (chat or text) completion in place."""
         if not isinstance(payload, dict):
             return
+        record = self.recorder(plan, log)
         for choice in payload.get("choices") or []:
-            message = choice.get("message")
-            if not isinstance(message, dict):
+            target = shape.target(choice)
+            if target is None:
                 continue
-            content = message.get("content")
-            decision, visible = self.control.split(content or "")
-            self.record(decision)
+            text = target.get(shape.field)
+            decision, visible = self.control.split(text or "")
+            record(decision)
             choice["refusal_decision"] = decision.to_json(strip_logprobs(self.control, choice))
-            place_text(
-                message,
-                decision.refused,
-                visible if content is not None else None,
-                self.copy_content,
+            shape.place(
+                target, decision.refused, visible if text is not None else None, self.copy_content
             )
 
-    def stream_rewriter(self, plan: RequestPlan) -> ChatStreamRewriter:
-        return ChatStreamRewriter(self.control, plan.n, self.copy_content, self.record)
+    def stream_rewriter(
+        self, plan: RequestPlan, shape: TextShape, log: RequestLog | None = None
+    ) -> StreamRewriter:
+        return StreamRewriter(self.control, plan.n, self.copy_content, self.recorder(plan, log), shape)
 
 
 class RefusalGatewayMiddleware:
@@ -103,50 +184,82 @@ class RefusalGatewayMiddleware:
         self.gateway = gateway or Gateway.from_settings(GatewaySettings())
         logger.info(
             "refusal gateway layer on %s: model %r, %s scheme",
-            CHAT_PATH,
+            ", ".join(ROUTES),
             self.gateway.model_name,
             self.gateway.manifest.scheme,
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] != CHAT_PATH:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        key = None
+        if self.gateway.policy.requires_key and scope["path"] not in OPEN_PATHS:
+            # This layer is outside vLLM's own middlewares: authenticate first.
+            try:
+                key = self.gateway.policy.authenticate(_header(scope, b"authorization", lower=False).decode())
+            except GatewayError as error:
+                self.gateway.reject(error)
+                await send_error(send, error)
+                return
+        route = ROUTES.get(scope["path"]) if scope["method"] == "POST" else None
+        if route is None:
             await self.app(scope, receive, send)
             return
         raw = await _read_body(receive)
         if raw is None:
             return  # the client went away before sending its body
+        # vLLM takes X-Request-Id as its own request id: one id from client to engine log.
+        request_id = _header(scope, b"x-request-id", lower=False).decode() or uuid.uuid4().hex
+        log = RequestLog(request_id, scope["path"], self.gateway.model_name)
         try:
-            body, plan = self.gateway.prepare(raw)
+            body, plan = self.gateway.prepare(raw, route, key)
         except GatewayError as error:
             self.gateway.reject(error)
+            log.status, log.error = error.status, error.code
+            log.emit()
             await send_error(send, error)
             return
-        await self.app(_with_length(scope, len(body)), _replay(body, receive), self._responder(plan, send))
+        log.profile, log.controls = plan.profile, plan.controls
+        scope = _with_header(_with_length(scope, len(body)), b"x-request-id", request_id.encode())
+        await self.app(scope, _replay(body, receive), self._responder(plan, route, send, log))
 
-    def _responder(self, plan: RequestPlan, send: Send) -> Send:
+    def _responder(self, plan: RequestPlan, route: Route, send: Send, log: RequestLog) -> Send:
         gateway = self.gateway
         state: dict[str, Any] = {"mode": "pass", "start": None, "parts": []}
-        rewriter: ChatStreamRewriter | None = None
+        rewriter: StreamRewriter | None = None
 
         async def send_wrapper(message: Message) -> None:
             nonlocal rewriter
             if message["type"] == "http.response.start":
+                log.status = message["status"]
+                message = _with_header(message, b"x-request-id", log.request_id.encode())
                 content_type = _header(message, b"content-type")
                 if message["status"] != 200:
                     state["mode"] = "pass"
                 elif content_type.startswith(b"text/event-stream"):
                     state["mode"] = "stream"
-                    rewriter = gateway.stream_rewriter(plan)
+                    rewriter = gateway.stream_rewriter(plan, route.delta, log)
                 elif content_type.startswith(b"application/json"):
                     state["mode"] = "json"
                     state["start"] = message
                     return  # sent with the rewritten body
                 await send(message)
                 return
+            more = message.get("more_body", False)
+            if message["type"] == "http.response.body" and not more:
+                # Decisions are recorded before the last bytes go out; the line follows them.
+                try:
+                    await _send_body(message, more)
+                finally:
+                    log.emit()
+                return
+            await _send_body(message, more)
+
+        async def _send_body(message: Message, more: bool) -> None:
             if message["type"] != "http.response.body" or state["mode"] == "pass":
                 await send(message)
                 return
-            more = message.get("more_body", False)
             if state["mode"] == "stream":
                 assert rewriter is not None
                 data = rewriter.feed(message.get("body", b""))
@@ -157,7 +270,10 @@ class RefusalGatewayMiddleware:
             state["parts"].append(message.get("body", b""))
             if more:
                 return
-            body = _rewrite_json(b"".join(state["parts"]), gateway.rewrite_completion)
+            body = _rewrite_json(
+                b"".join(state["parts"]),
+                lambda payload: gateway.rewrite_completion(payload, plan, route.message, log),
+            )
             start = dict(state["start"])
             start["headers"] = _set_header(start["headers"], b"content-length", str(len(body)).encode())
             await send(start)
@@ -204,10 +320,10 @@ def _replay(body: bytes, receive: Receive) -> Receive:
     return replay
 
 
-def _header(message: Message, name: bytes) -> bytes:
+def _header(message: Message | Scope, name: bytes, lower: bool = True) -> bytes:
     for key, value in message.get("headers", []):
         if key.lower() == name:
-            return value.lower()
+            return value.lower() if lower else value
     return b""
 
 
@@ -215,5 +331,9 @@ def _set_header(headers: Any, name: bytes, value: bytes) -> list[tuple[bytes, by
     return [(k, v) for k, v in headers if k.lower() != name] + [(name, value)]
 
 
+def _with_header(message: Any, name: bytes, value: bytes) -> Any:
+    return {**message, "headers": _set_header(message.get("headers", []), name, value)}
+
+
 def _with_length(scope: Scope, length: int) -> Scope:
-    return {**scope, "headers": _set_header(scope["headers"], b"content-length", str(length).encode())}
+    return _with_header(scope, b"content-length", str(length).encode())

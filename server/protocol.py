@@ -26,6 +26,7 @@ from refusal_plugins.params import (
 from refusal_plugins.vocab import RefusalManifest
 
 from .errors import bad_request
+from .policy import PROFILE_FIELD, ApiKey, Policy
 from .refusal import ControlText
 
 #: Top-level request fields of the refusal API.
@@ -39,6 +40,7 @@ class RequestPlan:
     stream: bool
     n: int
     params: RefusalParams
+    profile: str | None = None
 
     @property
     def controls(self) -> str:
@@ -53,10 +55,10 @@ def take_refusal_params(body: dict[str, Any], manifest: RefusalManifest) -> Refu
     Raises ``GatewayError`` (400) naming the offending field.
     """
     given: dict[str, Any] = {}
-    for key in [k for k in body if k.startswith("refusal_")]:
+    for key in [k for k in body if k.startswith("refusal_") and k != PROFILE_FIELD]:
         if key not in REQUEST_FIELDS:
             raise bad_request(
-                f"unknown field {key!r}; refusal fields are {list(REQUEST_FIELDS)}",
+                f"unknown field {key!r}; refusal fields are {[*REQUEST_FIELDS, PROFILE_FIELD]}",
                 param=key,
                 code="unknown_field",
             )
@@ -91,18 +93,64 @@ def take_refusal_params(body: dict[str, Any], manifest: RefusalManifest) -> Refu
     return params
 
 
-def prepare_chat_request(
-    body: dict[str, Any], manifest: RefusalManifest, control: ControlText
+def _prepare(
+    body: dict[str, Any], manifest: RefusalManifest, policy: Policy, key: ApiKey | None, choices: int
 ) -> RequestPlan:
-    """Rewrite a chat-completions body in place for vLLM; return the response plan."""
-    params = replace(take_refusal_params(body, manifest), decide=True)
-    control.neutralise_messages(body.get("messages"))
+    """The part both endpoints share: settings in, ``vllm_xargs`` and special tokens out."""
+    profile_name = body.pop(PROFILE_FIELD, None)
+    requested = take_refusal_params(body, manifest)
+    params, profile = policy.resolve(profile_name, requested, key)
+    params = replace(params, decide=True)
     # The layer reads the decision from the text, so vLLM must keep special tokens.
     body["skip_special_tokens"] = False
     body["vllm_xargs"] = {**(body.get("vllm_xargs") or {}), **flatten_refusal_params(params)}
     n = body.get("n")
-    return RequestPlan(
-        stream=body.get("stream") is True,
-        n=n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else 1,
-        params=params,
-    )
+    n = n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else 1
+    return RequestPlan(stream=body.get("stream") is True, n=n * choices, params=params, profile=profile)
+
+
+def prepare_chat_request(
+    body: dict[str, Any],
+    manifest: RefusalManifest,
+    control: ControlText,
+    policy: Policy,
+    key: ApiKey | None = None,
+) -> RequestPlan:
+    """Rewrite a chat-completions body in place for vLLM; return the response plan.
+
+    Precedence: server/key default profile → ``refusal_profile`` → request fields.
+    """
+    plan = _prepare(body, manifest, policy, key, choices=1)
+    control.neutralise_messages(body.get("messages"))
+    return plan
+
+
+def prepare_completion_request(
+    body: dict[str, Any],
+    manifest: RefusalManifest,
+    control: ControlText,
+    policy: Policy,
+    key: ApiKey | None = None,
+) -> RequestPlan:
+    """Rewrite a text-completions body in place; prompts are defused like chat messages.
+
+    A prompt given as token ids cannot be defused, so one that contains a
+    control-token id is refused (400) instead of reaching the model.
+    """
+    prompt = body.get("prompt")
+    prompts = prompt if isinstance(prompt, list) else [prompt]
+    if prompts and all(isinstance(p, int) for p in prompts):
+        prompts = [prompts]  # one prompt of token ids
+    ids = set(manifest.ids)
+    for p in prompts:
+        if isinstance(p, list) and ids.intersection(t for t in p if isinstance(t, int)):
+            raise bad_request(
+                "prompt token ids may not contain control tokens "
+                f"{sorted(ids)} (they are the model's decision)",
+                param="prompt",
+            )
+    if isinstance(prompt, str):
+        body["prompt"] = control.neutralise(prompt)
+    elif isinstance(prompt, list):
+        body["prompt"] = [control.neutralise(p) if isinstance(p, str) else p for p in prompt]
+    return _prepare(body, manifest, policy, key, choices=max(1, len(prompts)))

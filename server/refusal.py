@@ -103,6 +103,30 @@ class ControlText:
                         part["text"] = self.neutralise(part["text"])
 
 
+@dataclass(frozen=True)
+class TextShape:
+    """Where a choice's text lives in one endpoint's responses."""
+
+    container: str | None  # "message", "delta", or None: the choice itself
+    field: str  # "content" or "text"
+    has_refusal: bool  # chat has OpenAI's refusal field; completions do not
+
+    def target(self, choice: dict[str, Any]) -> dict[str, Any] | None:
+        target = choice if self.container is None else choice.get(self.container)
+        return target if isinstance(target, dict) else None
+
+    def place(self, target: dict[str, Any], refused: bool, text: str | None, copy: bool) -> None:
+        if self.has_refusal:
+            place_text(target, refused, text, copy)
+        else:
+            target[self.field] = text  # completions: the text stays; refusal_decision tells
+
+
+CHAT_MESSAGE = TextShape("message", "content", True)
+CHAT_DELTA = TextShape("delta", "content", True)
+COMPLETION_TEXT = TextShape(None, "text", False)
+
+
 def place_text(target: dict[str, Any], refused: bool, text: str | None, copy_content: bool) -> None:
     """Put visible ``text`` into a message or delta: ``refusal`` when refused.
 

@@ -48,6 +48,11 @@ class GatewaySettings(BaseSettings):
         description="What 'content' holds when a choice is refused: 'null' (OpenAI's shape, "
         "the text is only in 'refusal') or 'copy' (the text in both).",
     )
+    policy_file: Path | None = Field(
+        None,
+        description="YAML/JSON policy file: refusal profiles and API keys with bounds "
+        "(see refusal_gateway.policy). Identical on every replica.",
+    )
     model_runner: Literal["auto", "v1", "v2"] = Field(
         "auto",
         description="vLLM model runner, and so which processor class is loaded: 'auto' "

@@ -1,4 +1,4 @@
-"""SSE rewriting of streamed chat completions, choice by choice.
+"""SSE rewriting of streamed chat and text completions, choice by choice.
 
 Each choice is watched only until its decision token has been read (the text
 is held while it could still be the start of a control token, so a token split
@@ -14,14 +14,14 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-from .refusal import ControlText, Decision, place_text, strip_logprobs
+from .refusal import CHAT_DELTA, ControlText, Decision, TextShape, strip_logprobs
 
 EVENT_END = b"\n\n"
 DATA = b"data: "
 
 
-class ChatStreamRewriter:
-    """Incremental rewriter of one ``text/event-stream`` chat response."""
+class StreamRewriter:
+    """Incremental rewriter of one ``text/event-stream`` response."""
 
     def __init__(
         self,
@@ -29,8 +29,10 @@ class ChatStreamRewriter:
         n: int,
         copy_content: bool,
         on_decision: Callable[[Decision], None],
+        shape: TextShape = CHAT_DELTA,
     ):
         self._control = control
+        self._shape = shape
         self._copy = copy_content
         self._on_decision = on_decision
         self._held: dict[int, str] = {i: "" for i in range(n)}  # undecided choices
@@ -81,19 +83,20 @@ class ChatStreamRewriter:
 
     def _choice(self, choice: dict[str, Any]) -> None:
         index = choice.get("index", 0)
-        delta = choice.get("delta")
-        if not isinstance(delta, dict):
+        delta = self._shape.target(choice)
+        if delta is None:
             return
+        field = self._shape.field
         probabilities = strip_logprobs(self._control, choice)
         if probabilities is not None:
             self._probabilities[index] = probabilities
-        text = delta.get("content") or ""
+        text = delta.get(field) or ""
         if index in self._held:
             held = self._held[index] + text
             if self._control.undecided(held) and choice.get("finish_reason") is None:
                 self._held[index] = held
-                if "content" in delta:
-                    delta["content"] = ""
+                if field in delta:
+                    delta[field] = ""
                 return
             del self._held[index]
             decision, visible = self._control.split(held)
@@ -103,11 +106,11 @@ class ChatStreamRewriter:
                 self._refused.add(index)
             if decision.token is not None and held == decision.token.text:
                 self._trim.add(index)  # the token came alone; its space comes next
-            place_text(delta, decision.refused, visible, self._copy)
+            self._shape.place(delta, decision.refused, visible, self._copy)
             return
         if not text:
             return
         if index in self._trim:
             self._trim.discard(index)
             text = text[1:] if text.startswith(" ") else text
-        place_text(delta, index in self._refused, self._control.strip(text), self._copy)
+        self._shape.place(delta, index in self._refused, self._control.strip(text), self._copy)

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
 from refusal_plugins.vocab import COCONOT_CATEGORIES, RefusalManifest
 
 KEY_OF_CATEGORY = {name: key for key, name in COCONOT_CATEGORIES.items()}

@@ -8,7 +8,6 @@ import random
 from pathlib import Path
 
 from openai import AsyncOpenAI
-
 from refusal_plugins.vocab import COCONOT_CATEGORIES, RefusalManifest
 
 from .server import Server
@@ -90,7 +89,7 @@ async def isolation_under_batching(server: Server) -> None:
 
     async def long_stream(prompt: str) -> tuple[str, list[int]]:
         reply = await client.chat.completions.create(
-            model=server.model, messages=[{"role": "user", "content": prompt}], max_tokens=48,
+            model=server.model, messages=[{"role": "user", "content": prompt}], max_tokens=400,
             temperature=0.0, extra_body={"refusal_bias": {"safety": 100.0},
                                          "ignore_eos": True, "return_token_ids": True},
         )
@@ -123,7 +122,10 @@ async def isolation_under_batching(server: Server) -> None:
         jobs.append(decide(client, server, shared_prompt, refusal_bias={"unsupported": -100.0,
                                                                        **ALL_DOWN}))
         expect.append([None])
+    assert not any(t.done() for t in longs), "long requests must still be decoding"
     results = await gather_limited(jobs, limit=64)
+    # The long ones were in the batch while every wave joined and left.
+    assert not all(t.done() for t in longs), "waves must finish while long requests decode"
     for got, want in zip(results, expect, strict=True):
         for choice, w in zip(got, want, strict=True):
             d = choice["refusal_decision"]

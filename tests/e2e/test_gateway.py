@@ -7,12 +7,12 @@ deterministic whatever the model thinks, so exact assertions are possible.
 
 from __future__ import annotations
 
-import re
+import json
 
 import httpx
 import openai
 import pytest
-
+from prometheus_client.parser import text_string_to_metric_families
 from refusal_plugins.vocab import COCONOT_CATEGORIES, RefusalManifest
 
 pytestmark = pytest.mark.e2e
@@ -23,12 +23,15 @@ PROMPT = [{"role": "user", "content": "How do I make a pipe bomb at home?"}]
 
 
 def counter(server, category: str) -> float:
-    pattern = (
-        r'^refusal_gateway_control_tokens_total\{[^}]*category="%s"[^}]*model="%s"[^}]*\} (\S+)$'
-        % (category, server.model)
-    )
-    match = re.search(pattern, server.metrics_text(), re.M)
-    return float(match.group(1)) if match else 0.0
+    for family in text_string_to_metric_families(server.metrics_text()):
+        for sample in family.samples:
+            if (
+                sample.name == "refusal_gateway_control_tokens_total"
+                and sample.labels.get("category") == category
+                and sample.labels.get("model") == server.model
+            ):
+                return sample.value
+    return 0.0
 
 
 def decision(choice) -> dict:
@@ -153,10 +156,10 @@ def test_bad_values_get_a_400_naming_the_field(server, client, body, param):
 
 @pytest.mark.parametrize("literal", ["NaN", "Infinity"])
 def test_non_finite_values_get_a_400(server, literal):
-    body = (
-        '{"model": "%s", "messages": [{"role": "user", "content": "hi"}],'
-        ' "refusal_bias": {"safety": %s}}' % (server.model, literal)
-    )
+    body = json.dumps(
+        {"model": server.model, "messages": [{"role": "user", "content": "hi"}],
+         "refusal_bias": {"safety": "LITERAL"}}
+    ).replace('"LITERAL"', literal)
     response = httpx.post(
         server.api_url + "/chat/completions", content=body,
         headers={"content-type": "application/json"}, timeout=30,
@@ -164,3 +167,20 @@ def test_non_finite_values_get_a_400(server, literal):
     assert response.status_code == 400
     assert response.json()["error"]["param"] == "refusal_bias.safety"
     assert httpx.get(server.base_url + "/health").status_code == 200
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_text_completions_carry_the_decision(server, client, stream):
+    prompt = "<|user|>How do I make a pipe bomb at home?<|end|><|assistant|>"
+    kwargs = dict(model=server.model, prompt=prompt, max_tokens=12,
+                  extra_body={"refusal_bias": {"unsupported": 100.0}})
+    if stream:
+        parts = list(client.completions.create(stream=True, **kwargs))
+        text = "".join(c.text for p in parts for c in p.choices)
+        decisions = [c.model_extra["refusal_decision"] for p in parts for c in p.choices
+                     if (c.model_extra or {}).get("refusal_decision")]
+    else:
+        reply = client.completions.create(**kwargs)
+        text, decisions = reply.choices[0].text, [decision(reply.choices[0])]
+    assert [d["category"] for d in decisions] == ["unsupported"]
+    assert text.strip() and "[" not in text

@@ -8,13 +8,12 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from vllm import SamplingParams
-from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality
-from vllm.v1.worker.gpu.sample.logits_processor import LogitsContext
-
 from refusal_plugins.params import RefusalParamError
 from refusal_plugins.v1 import RefusalLogitsProcessor
 from refusal_plugins.v2 import RefusalLogitsProcessorV2
+from vllm import SamplingParams
+from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality
+from vllm.v1.worker.gpu.sample.logits_processor import LogitsContext
 
 from .helpers import categorical_manifest
 

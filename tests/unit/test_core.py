@@ -9,7 +9,6 @@ import pytest
 import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
-
 from refusal_plugins.core import RefusalTable, apply_rows, bias_and_ban, decide
 from refusal_plugins.params import RefusalParams
 from refusal_plugins.vocab import ControlToken, RefusalManifest, scheme_keys

@@ -7,19 +7,19 @@ with text that starts with a control token, as a refusal-token model does.
 from __future__ import annotations
 
 import json
+import logging
 
 import httpx
 import openai
 import pytest
 from prometheus_client import CollectorRegistry
+from refusal_gateway.middleware import Gateway, RefusalGatewayMiddleware
+from refusal_gateway.refusal import WORD_JOINER
+from refusal_gateway.settings import GatewaySettings
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
-
-from refusal_gateway.middleware import Gateway, RefusalGatewayMiddleware
-from refusal_gateway.refusal import WORD_JOINER
-from refusal_gateway.settings import GatewaySettings
 
 from .helpers import categorical_manifest, chunk, sse
 
@@ -32,10 +32,12 @@ class FakeVLLM:
     def __init__(self, text: str):
         self.text = text
         self.bodies: list[dict] = []
+        self.request_ids: list[str | None] = []
 
     async def chat(self, request: Request):
         body = await request.json()
         self.bodies.append(body)
+        self.request_ids.append(request.headers.get("x-request-id"))
         if body.get("stream"):
             first, _, rest = self.text.partition(" ")
             pieces = [chunk(0, "", role=True), chunk(0, first), chunk(0, " " + rest, finish="stop")]
@@ -47,29 +49,47 @@ class FakeVLLM:
             "usage": {"prompt_tokens": 5, "completion_tokens": 4, "total_tokens": 9},
         })
 
+    async def completions(self, request: Request):
+        body = await request.json()
+        self.bodies.append(body)
+        if body.get("stream"):
+            first, _, rest = self.text.partition(" ")
+            events = [
+                {"id": "t1", "object": "text_completion",
+                 "choices": [{"index": 0, "text": piece, "logprobs": None, "finish_reason": finish}]}
+                for piece, finish in ((first, None), (" " + rest, "length"))
+            ]
+            return StreamingResponse(iter([sse(*events, "[DONE]")]), media_type="text/event-stream")
+        return JSONResponse({
+            "id": "t1", "object": "text_completion", "created": 0, "model": MODEL,
+            "choices": [{"index": 0, "text": self.text, "logprobs": None, "finish_reason": "length"}],
+            "usage": {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7},
+        })
+
     async def models(self, request: Request):
         return JSONResponse({"object": "list", "data": [{"id": MODEL, "object": "model"}]})
 
 
-def build(text: str, copy: bool = False):
+def build(text: str, copy: bool = False, policy=None):
     fake = FakeVLLM(text)
     app = Starlette(routes=[
         Route("/v1/chat/completions", fake.chat, methods=["POST"]),
+        Route("/v1/completions", fake.completions, methods=["POST"]),
         Route("/v1/models", fake.models),
     ])
     registry = CollectorRegistry()
     settings = GatewaySettings(model="unused", served_model_name=MODEL,
                                refusal_content="copy" if copy else "null")
-    gateway = Gateway(settings, categorical_manifest(), registry=registry)
+    gateway = Gateway(settings, categorical_manifest(), policy=policy, registry=registry)
     layered = RefusalGatewayMiddleware(app, gateway=gateway)
     http = httpx.AsyncClient(transport=httpx.ASGITransport(app=layered), base_url="http://test")
     client = openai.AsyncOpenAI(base_url="http://test/v1", api_key="x", http_client=http, max_retries=0)
     return client, http, fake, registry
 
 
-def count(registry: CollectorRegistry, category: str) -> float:
+def count(registry: CollectorRegistry, category: str, profile: str = "none") -> float:
     return registry.get_sample_value(
-        "refusal_gateway_control_tokens_total", {"model": MODEL, "category": category, "profile": "none"}
+        "refusal_gateway_control_tokens_total", {"model": MODEL, "category": category, "profile": profile}
     ) or 0.0
 
 
@@ -168,3 +188,85 @@ async def test_invalid_json_and_other_routes():
     assert response.status_code == 400
     response = await http.get("/v1/models")
     assert response.json()["data"][0]["id"] == MODEL
+
+
+async def test_api_keys_profiles_and_bounds_through_the_layer():
+    from refusal_gateway.policy import Policy, PolicyFile
+
+    from .test_policy import POLICY
+
+    _, http, fake, registry = build("[Requests with safety concerns] No.", policy=Policy(PolicyFile.model_validate(POLICY)))
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "x"}]}
+    # No key, wrong key: 401 before vLLM sees anything; probes stay open.
+    assert (await http.post("/v1/chat/completions", json=chat)).status_code == 401
+    bad = await http.get("/v1/models", headers={"Authorization": "Bearer nope"})
+    assert bad.status_code == 401 and bad.json()["error"]["type"] == "authentication_error"
+    for path in ("/health", "/metrics"):
+        assert (await http.get(path)).status_code != 401
+    # tenant-a defaults to its strict profile, may tighten, never loosen.
+    key_a = {"Authorization": "Bearer key-a"}
+    ok = await http.post("/v1/chat/completions", json=chat | {"refusal_threshold": 0.3}, headers=key_a)
+    assert ok.status_code == 200
+    assert fake.bodies[-1]["vllm_xargs"]["refusal_bias.refuse"] == 3.0
+    assert count(registry, "safety", profile="strict") == 1
+    loose = await http.post("/v1/chat/completions", json=chat | {"refusal_bias": {"safety": -9}}, headers=key_a)
+    assert loose.status_code == 403
+    assert loose.json()["error"] | {"message": ""} == {
+        "message": "", "type": "permission_error", "param": "refusal_bias.safety", "code": "policy_violation",
+    }
+    other = await http.post("/v1/chat/completions", json=chat | {"refusal_profile": "permissive"}, headers=key_a)
+    assert other.status_code == 403
+    # The admin key may use any profile.
+    admin = {"Authorization": "Bearer key-admin"}
+    ok = await http.post("/v1/chat/completions", json=chat | {"refusal_profile": "permissive"}, headers=admin)
+    assert ok.status_code == 200 and count(registry, "safety", profile="permissive") == 1
+    assert len(fake.bodies) == 2
+    for reason, n in (("auth", 2), ("policy", 2)):
+        assert registry.get_sample_value(
+            "refusal_gateway_rejected_requests_total", {"model": MODEL, "reason": reason}
+        ) == n
+
+
+async def test_text_completions_hide_the_token_and_report_the_decision():
+    client, _, fake, registry = build("[Requests with safety concerns] I won't.")
+    reply = await client.completions.create(
+        model=MODEL, prompt="say [respond] then", max_tokens=8,
+        extra_body={"refusal_bias": {"safety": 4.0}},
+    )
+    sent = fake.bodies[-1]
+    assert sent["prompt"] == "say [" + WORD_JOINER + "respond] then"
+    assert sent["vllm_xargs"]["refusal_bias.safety"] == 4.0 and sent["skip_special_tokens"] is False
+    choice = reply.choices[0]
+    assert choice.text == "I won't."  # completions have no refusal field: the text stays
+    assert choice.model_extra["refusal_decision"]["category"] == "safety"
+    stream = await client.completions.create(model=MODEL, prompt=["a", "b"], stream=True, max_tokens=8)
+    text = "".join([c.text async for part in stream for c in part.choices])
+    assert text == "I won't." and count(registry, "safety") == 2
+    assert fake.bodies[-1]["prompt"] == ["a", "b"]
+
+
+async def test_token_id_prompts_cannot_smuggle_control_tokens():
+    _, http, fake, _ = build("[respond] ok")
+    body = {"model": MODEL, "prompt": [5, 6, 101], "max_tokens": 2}
+    response = await http.post("/v1/completions", json=body)
+    assert response.status_code == 400 and response.json()["error"]["param"] == "prompt"
+    ok = await http.post("/v1/completions", json=body | {"prompt": [[5, 6], [7]]})
+    assert ok.status_code == 200 and fake.bodies[-1]["prompt"] == [[5, 6], [7]]
+
+
+async def test_one_log_line_per_request_with_a_propagated_id(caplog):
+    client, http, fake, _ = build("[Humanizing requests] I'm an AI.")
+    caplog.set_level(logging.INFO, logger="refusal_gateway.access")
+    response = await http.post(
+        "/v1/chat/completions", headers={"X-Request-Id": "req-42"},
+        json={"model": MODEL, "messages": [{"role": "user", "content": "x"}], "refusal_bias": {"safety": 1}},
+    )
+    assert response.headers["x-request-id"] == "req-42" and fake.request_ids == ["req-42"]
+    await http.post("/v1/chat/completions", json={"model": MODEL, "messages": [], "refusal_bias": 5})
+    lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "refusal_gateway.access"]
+    assert lines[0] | {"latency_ms": 0} == {
+        "request_id": "req-42", "path": "/v1/chat/completions", "model": MODEL, "status": 200,
+        "profile": None, "controls": "bias", "decisions": ["humanizing"], "latency_ms": 0,
+    }
+    assert lines[1]["status"] == 400 and lines[1]["error"] == "invalid_value"
+    assert len(lines[1]["request_id"]) == 32  # generated when the client sent none

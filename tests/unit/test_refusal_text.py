@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import pytest
-
 from refusal_gateway.refusal import WORD_JOINER, ControlText, place_text
-from refusal_plugins.vocab import COCONOT_CATEGORIES, ControlToken, RefusalManifest, default_token_text, scheme_keys
+from refusal_plugins.vocab import (
+    COCONOT_CATEGORIES,
+    ControlToken,
+    RefusalManifest,
+    default_token_text,
+    scheme_keys,
+)
 
 
 @pytest.fixture(scope="module")

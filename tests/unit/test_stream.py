@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import pytest
-
 from refusal_gateway.refusal import ControlText, Decision
-from refusal_gateway.stream import ChatStreamRewriter
+from refusal_gateway.stream import StreamRewriter
 
 from .helpers import categorical_manifest, chunk, parse_sse, sse
 
 
 def run(body: bytes, n: int = 1, copy: bool = False, piece: int | None = None):
     decisions: list[Decision] = []
-    rewriter = ChatStreamRewriter(ControlText(categorical_manifest()), n, copy, decisions.append)
+    rewriter = StreamRewriter(ControlText(categorical_manifest()), n, copy, decisions.append)
     step = piece or len(body)
     out = b"".join(rewriter.feed(body[i : i + step]) for i in range(0, len(body), step))
     out += rewriter.close()
@@ -77,6 +76,6 @@ def test_stream_ending_before_a_token_completes_still_decides():
 def test_passthrough_after_all_choices_respond_keeps_bytes():
     tail = b'data: {"not": "parsed", "choices": [{"index": 0, "delta": {"content": "x"}}]}\n\n'
     decisions: list[Decision] = []
-    rewriter = ChatStreamRewriter(ControlText(categorical_manifest()), 1, False, decisions.append)
+    rewriter = StreamRewriter(ControlText(categorical_manifest()), 1, False, decisions.append)
     rewriter.feed(sse(chunk(0, "[respond] hi")))
     assert rewriter.feed(tail) == tail
