@@ -8,6 +8,7 @@ deterministic whatever the model thinks, so exact assertions are possible.
 from __future__ import annotations
 
 import json
+import time
 
 import httpx
 import openai
@@ -184,3 +185,49 @@ def test_text_completions_carry_the_decision(server, client, stream):
         text, decisions = reply.choices[0].text, [decision(reply.choices[0])]
     assert [d["category"] for d in decisions] == ["unsupported"]
     assert text.strip() and "[" not in text
+
+
+def test_structured_output_mask_wins_over_the_refusal_controls(server, client):
+    """JSON mode forbids control tokens at position 0: nothing forced, nothing revived, no crash."""
+    reply = client.chat.completions.create(
+        model=server.model, messages=PROMPT, max_tokens=8,
+        response_format={"type": "json_object"},
+        extra_body={"refusal_bias": {"safety": 100.0}, "refusal_threshold": 0.0},
+    )
+    choice = reply.choices[0]
+    assert decision(choice) == {"token": None, "category": None, "refused": False}
+    assert choice.message.content.lstrip().startswith("{")
+
+
+def vllm_series(server, name: str) -> float:
+    """Sum of one vLLM series over its label sets (one engine, one model here)."""
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(server.metrics_text())
+        for sample in family.samples
+        if sample.name == name
+    )
+
+
+def test_client_disconnect_still_cancels_the_engine_request(server):
+    """The layer wraps receive/send; vLLM must still see the disconnect and abort.
+
+    Deterministic: a request that ran to its end adds exactly 450 generated
+    tokens; an aborted one stops far short of that.
+    """
+    generated = vllm_series(server, "vllm:generation_tokens_total")
+    body = {
+        "model": server.model, "messages": PROMPT, "max_tokens": 450, "stream": True,
+        "ignore_eos": True, "refusal_bias": {"safety": -100.0},
+    }
+    with httpx.Client(timeout=60) as http:
+        with http.stream("POST", server.api_url + "/chat/completions", json=body) as response:
+            lines = response.iter_lines()
+            assert next(lines).startswith("data: ")  # generation has started
+        # Leaving the block closes the connection mid-stream.
+    deadline = time.monotonic() + 60
+    time.sleep(0.5)
+    while vllm_series(server, "vllm:num_requests_running") > 0 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert vllm_series(server, "vllm:num_requests_running") == 0
+    assert vllm_series(server, "vllm:generation_tokens_total") - generated < 300
