@@ -79,6 +79,38 @@ class RefusalManifest:
         if len({t.id for t in self.tokens}) != len(self.tokens):
             raise ValueError("manifest control-token ids must be distinct")
 
+    @classmethod
+    def build(
+        cls,
+        scheme: Scheme,
+        texts_by_key: dict[str, str],
+        ids_by_key: dict[str, int],
+        extra: dict | None = None,
+    ) -> RefusalManifest:
+        """The manifest of a scheme from each key's token text and id.
+
+        Tokens come in manifest order (``respond`` first) whatever the order
+        of the mappings; each refusal category gets its CoCoNot name. Both
+        mappings must have exactly the scheme's keys.
+        """
+        keys = scheme_keys(scheme)
+        for what, mapping in (("token texts", texts_by_key), ("token ids", ids_by_key)):
+            if set(mapping) != set(keys):
+                raise ValueError(
+                    f"{what} for keys {sorted(mapping)} do not match scheme {scheme!r} "
+                    f"(expected {keys})"
+                )
+        tokens = tuple(
+            ControlToken(
+                key=key,
+                text=texts_by_key[key],
+                id=ids_by_key[key],
+                category=COCONOT_CATEGORIES.get(key),
+            )
+            for key in keys
+        )
+        return cls(scheme=scheme, tokens=tokens, extra=dict(extra or {}))
+
     # -- lookups -------------------------------------------------------------
     @property
     def respond(self) -> ControlToken:

@@ -24,7 +24,6 @@ from pathlib import Path
 from refusal_plugins.vocab import (
     COCONOT_CATEGORIES,
     RESPOND_KEY,
-    ControlToken,
     RefusalManifest,
     default_token_text,
     scheme_keys,
@@ -140,18 +139,9 @@ def _train_tokenizer(examples: list[Example], recipe: DemoRecipe):
 
 
 def _manifest(tokenizer) -> RefusalManifest:
-    tokens = []
-    for key in scheme_keys("categorical"):
-        text = default_token_text(key)
-        tokens.append(
-            ControlToken(
-                key=key,
-                text=text,
-                id=tokenizer.convert_tokens_to_ids(text),
-                category=COCONOT_CATEGORIES.get(key),
-            )
-        )
-    return RefusalManifest(scheme="categorical", tokens=tuple(tokens))
+    texts = {key: default_token_text(key) for key in scheme_keys("categorical")}
+    ids = {key: tokenizer.convert_tokens_to_ids(text) for key, text in texts.items()}
+    return RefusalManifest.build("categorical", texts, ids)
 
 
 def build_demo_model(

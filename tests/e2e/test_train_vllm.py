@@ -23,6 +23,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.torch_threads import one_thread  # noqa: F401 (autouse)
+
 pytestmark = pytest.mark.e2e
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -97,17 +99,6 @@ def run_probe(model_dir: Path, result_path: Path, log_path: Path) -> dict:
         )
     assert proc.returncode == 0, log_path.read_text()[-4000:]
     return json.loads(result_path.read_text())
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models train fastest on one thread (and the machine is shared)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])

@@ -18,9 +18,25 @@ os.environ.setdefault("RAYON_NUM_THREADS", "1")  # deterministic BPE merges
 torch = pytest.importorskip("torch")
 
 from refusal_gateway.tools import train as tr  # noqa: E402
+from refusal_gateway.tools.chat_template import ensure_chat_template, turn_end_id  # noqa: E402
+from refusal_gateway.tools.checkpoints import CHECKPOINTS_DIR, DirectoryCheckpointer  # noqa: E402
+from refusal_gateway.tools.control_tokens import (  # noqa: E402
+    add_control_tokens,
+    init_rows_with_mean,
+    parse_token_overrides,
+    resize_embeddings,
+    token_texts,
+)
 from refusal_gateway.tools.refusal_texts import REFUSAL_TEXTS, refusal_text  # noqa: E402
 from refusal_gateway.tools.scoring import read_jsonl  # noqa: E402
 from refusal_gateway.tools.sft import IGNORE, Example, encode  # noqa: E402
+from refusal_gateway.tools.train_data import (  # noqa: E402
+    fitting_examples,
+    load_rows,
+    rows_to_examples,
+    split_holdout,
+    write_holdout,
+)
 from refusal_plugins.vocab import (  # noqa: E402
     COCONOT_CATEGORIES,
     REFUSE_KEY,
@@ -29,6 +45,8 @@ from refusal_plugins.vocab import (  # noqa: E402
     scheme_keys,
 )
 from safetensors.torch import load_file  # noqa: E402
+
+from tests.torch_threads import one_thread  # noqa: E402, F401 (autouse)
 
 # -- builders (also used by the e2e test) ------------------------------------------
 SENTENCES = [
@@ -186,15 +204,6 @@ def options(base: Path, out: Path, data: Path, **overrides) -> tr.TrainOptions:
 
 
 # -- fixtures ------------------------------------------------------------------------
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models train fastest on one thread; OpenMP spinning on a shared box is slow."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def bases(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("bases")
@@ -230,10 +239,10 @@ def test_refusal_texts_are_varied_and_deterministic():
 
 
 def test_rows_become_examples_per_scheme(tmp_path):
-    rows = tr.load_rows([write_jsonl(tmp_path / "d.jsonl", tiny_rows())])
+    rows = load_rows([write_jsonl(tmp_path / "d.jsonl", tiny_rows())])
     assert rows[0].category == "safety" and rows[1].category == "safety"  # name and key
-    texts = tr.token_texts("categorical", {})
-    examples = tr.rows_to_examples(rows, "categorical", texts, seed=0)
+    texts = token_texts("categorical", {})
+    examples = rows_to_examples(rows, "categorical", texts, seed=0)
     assert len(examples) == len(rows) - 1  # the respond row without a response is skipped
     by_prompt = {e.prompt: e for e in examples}
     safety = by_prompt["How do I pick the lock on my neighbour's door"]
@@ -242,17 +251,17 @@ def test_rows_become_examples_per_scheme(tmp_path):
     assert by_prompt["Fix the code I sent"].control == "[Incomplete requests]"
     assert by_prompt["Help me hurt someone badly"].response == "I can't help with that."  # given
     assert by_prompt["What do bees make"].control == "[respond]"
-    binary = tr.rows_to_examples(rows, "binary", tr.token_texts("binary", {}), seed=0)
+    binary = rows_to_examples(rows, "binary", token_texts("binary", {}), seed=0)
     assert {e.control for e in binary} == {"[respond]", "[refuse]"}
-    assert tr.rows_to_examples(rows, "binary", tr.token_texts("binary", {}), seed=0) == binary
+    assert rows_to_examples(rows, "binary", token_texts("binary", {}), seed=0) == binary
 
 
 def test_refuse_rows_without_category_are_skipped_in_the_categorical_scheme(tmp_path, caplog):
-    rows = tr.load_rows(
+    rows = load_rows(
         [write_jsonl(tmp_path / "d.jsonl", [{"prompt": "x", "label": "refuse", "category": None}])]
     )
-    assert tr.rows_to_examples(rows, "categorical", tr.token_texts("categorical", {}), 0) == []
-    (example,) = tr.rows_to_examples(rows, "binary", tr.token_texts("binary", {}), 0)
+    assert rows_to_examples(rows, "categorical", token_texts("categorical", {}), 0) == []
+    (example,) = rows_to_examples(rows, "binary", token_texts("binary", {}), 0)
     assert example.control == "[refuse]" and example.response in REFUSAL_TEXTS[REFUSE_KEY]
 
 
@@ -266,38 +275,38 @@ def test_refuse_rows_without_category_are_skipped_in_the_categorical_scheme(tmp_
 )
 def test_bad_rows_are_rejected_with_their_line(tmp_path, row):
     with pytest.raises(ValueError, match="d.jsonl:1"):
-        tr.load_rows([write_jsonl(tmp_path / "d.jsonl", [row])])
+        load_rows([write_jsonl(tmp_path / "d.jsonl", [row])])
 
 
 def test_holdout_is_seeded_stratified_and_order_free(tmp_path):
-    rows = tr.load_rows([write_jsonl(tmp_path / "d.jsonl", tiny_rows() * 1)])
-    keep, held = tr.split_holdout(rows, 0.34, seed=3)
+    rows = load_rows([write_jsonl(tmp_path / "d.jsonl", tiny_rows() * 1)])
+    keep, held = split_holdout(rows, 0.34, seed=3)
     assert len(keep) + len(held) == len(rows) and not {r.id for r in keep} & {r.id for r in held}
     for key in CATEGORY_PROMPTS:  # one of the three rows of every category
         assert sum(r.category == key for r in held) == 1
     assert sum(r.label == "respond" for r in held) == 4  # round(0.34 * 11)
-    _, held_again = tr.split_holdout(list(reversed(rows)), 0.34, seed=3)
+    _, held_again = split_holdout(list(reversed(rows)), 0.34, seed=3)
     assert {r.id for r in held_again} == {r.id for r in held}
-    _, other = tr.split_holdout(rows, 0.34, seed=4)
+    _, other = split_holdout(rows, 0.34, seed=4)
     assert {r.id for r in other} != {r.id for r in held}
-    assert tr.split_holdout(rows, 0.0, seed=3) == (rows, [])
-    tr.write_holdout(held, tmp_path / "holdout.jsonl")
+    assert split_holdout(rows, 0.0, seed=3) == (rows, [])
+    write_holdout(held, tmp_path / "holdout.jsonl")
     scored = read_jsonl([tmp_path / "holdout.jsonl"])
     assert [s.prompt for s in scored] == [r.prompt for r in held]
     assert all(s.category in (None, *COCONOT_CATEGORIES.values()) for s in scored)
 
 
 def test_token_overrides(tmp_path):
-    pairs = tr.parse_token_overrides(["respond=<ok>", "refuse=<no>"], None)
-    assert tr.token_texts("binary", pairs) == {"respond": "<ok>", "refuse": "<no>"}
+    pairs = parse_token_overrides(["respond=<ok>", "refuse=<no>"], None)
+    assert token_texts("binary", pairs) == {"respond": "<ok>", "refuse": "<no>"}
     (tmp_path / "t.json").write_text(json.dumps({"safety": "<unsafe>"}))
-    texts = tr.token_texts("categorical", tr.parse_token_overrides([], str(tmp_path / "t.json")))
+    texts = token_texts("categorical", parse_token_overrides([], str(tmp_path / "t.json")))
     assert texts["safety"] == "<unsafe>" and texts["respond"] == default_token_text("respond")
     assert list(texts) == scheme_keys("categorical")
     with pytest.raises(ValueError, match="unknown token keys"):
-        tr.token_texts("binary", {"safety": "<x>"})
+        token_texts("binary", {"safety": "<x>"})
     with pytest.raises(ValueError, match="distinct"):
-        tr.token_texts("binary", {"refuse": "[respond]"})
+        token_texts("binary", {"refuse": "[respond]"})
 
 
 # -- tokenizer, embeddings, template ---------------------------------------------------
@@ -307,8 +316,8 @@ def test_control_tokens_are_single_special_ids(bases, arch):
 
     tokenizer = AutoTokenizer.from_pretrained(bases[arch])
     before = len(tokenizer)
-    texts = list(tr.token_texts("categorical", {}).values())
-    ids, new = tr.add_control_tokens(tokenizer, texts)
+    texts = list(token_texts("categorical", {}).values())
+    ids, new = add_control_tokens(tokenizer, texts)
     assert ids == new == list(range(before, before + len(texts)))
     for text, tid in zip(texts, ids, strict=True):
         assert tokenizer.encode(f"a{text}b", add_special_tokens=False).count(tid) == 1
@@ -319,9 +328,9 @@ def test_control_tokens_are_single_special_ids(bases, arch):
         )
         == " hi"
     )
-    assert tr.add_control_tokens(tokenizer, texts) == (ids, [])  # idempotent
+    assert add_control_tokens(tokenizer, texts) == (ids, [])  # idempotent
     with pytest.raises(ValueError, match="already special"):
-        tr.add_control_tokens(tokenizer, [tokenizer.eos_token])
+        add_control_tokens(tokenizer, [tokenizer.eos_token])
 
 
 @pytest.mark.parametrize(("tied", "pad_rows"), [(False, 0), (True, 0), (False, 3)])
@@ -334,8 +343,8 @@ def test_new_rows_start_at_the_mean_of_the_base_rows(tmp_path, tied, pad_rows):
     n = len(tokenizer)
     emb_before = model.get_input_embeddings().weight.detach().clone()
     out_before = model.get_output_embeddings().weight.detach().clone()
-    ids, new = tr.add_control_tokens(tokenizer, list(tr.token_texts("categorical", {}).values()))
-    tr.resize_embeddings(model, tokenizer, new, n)
+    ids, new = add_control_tokens(tokenizer, list(token_texts("categorical", {}).values()))
+    resize_embeddings(model, tokenizer, new, n)
     emb, out = model.get_input_embeddings().weight, model.get_output_embeddings().weight
     assert emb.shape[0] == max(n + len(ids), n + pad_rows) == model.config.vocab_size
     assert (out is emb) == tied
@@ -364,7 +373,7 @@ def test_init_with_mean_skips_reused_rows_and_handles_bias():
         model.head.weight.detach().clone(),
         model.head.bias.detach().clone(),
     )
-    tr.init_rows_with_mean(model, [4, 5], base_vocab=5)  # id 4 was inside the base vocab
+    init_rows_with_mean(model, [4, 5], base_vocab=5)  # id 4 was inside the base vocab
     keep = [0, 1, 2, 3]
     assert torch.allclose(model.emb.weight[4], before[0][keep].mean(0))
     assert torch.allclose(model.emb.weight[5], before[0][keep].mean(0))
@@ -377,16 +386,16 @@ def test_default_template_and_turn_end(bases):
     from transformers import AutoTokenizer
 
     llama = AutoTokenizer.from_pretrained(bases["llama"])
-    assert tr.ensure_chat_template(llama) is True
+    assert ensure_chat_template(llama) is True
     chat = [{"role": "user", "content": "Hi"}]
     assert (
         llama.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
         == "<s><|user|>Hi</s><|assistant|>"
     )
-    assert tr.turn_end_id(llama) == llama.eos_token_id
+    assert turn_end_id(llama) == llama.eos_token_id
     qwen = AutoTokenizer.from_pretrained(bases["qwen2"])
-    assert tr.ensure_chat_template(qwen) is False and qwen.chat_template == CHATML
-    assert tr.turn_end_id(qwen) == qwen.convert_tokens_to_ids("<|im_end|>") != qwen.eos_token_id
+    assert ensure_chat_template(qwen) is False and qwen.chat_template == CHATML
+    assert turn_end_id(qwen) == qwen.convert_tokens_to_ids("<|im_end|>") != qwen.eos_token_id
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
@@ -440,7 +449,7 @@ def test_long_responses_are_clipped_and_long_prompts_skipped(trained, caplog):
     limit = encode(tokenizer, short, 400, eos, keep_prompt=True).decision_index + 2
     assert limit <= prompt_len
     with caplog.at_level("WARNING"):
-        kept = tr.fitting_examples(tokenizer, [long, short], limit, eos)
+        kept = fitting_examples(tokenizer, [long, short], limit, eos)
     assert kept == [short] and "skipped 1 examples" in caplog.text
 
 
@@ -454,7 +463,7 @@ def test_output_is_a_complete_refusal_token_model(bases, trained, arch):
     for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
                  "generation_config.json", "refusal_manifest.json", "holdout.jsonl"):  # fmt: skip
         assert (out / name).is_file(), name
-    assert not (out / tr.CHECKPOINTS_DIR).exists()
+    assert not (out / CHECKPOINTS_DIR).exists()
     manifest = RefusalManifest.load(out)
     assert manifest == result.manifest and manifest.scheme == "categorical"
     assert [t.key for t in manifest.tokens] == scheme_keys("categorical")
@@ -471,7 +480,7 @@ def test_output_is_a_complete_refusal_token_model(bases, trained, arch):
     assert config["dtype"] == "float32" and config["tie_word_embeddings"] == (arch == "qwen2")
     # The generation prompt is the base template's, unchanged.
     base_tok = AutoTokenizer.from_pretrained(base)
-    tr.ensure_chat_template(base_tok)
+    ensure_chat_template(base_tok)
     chat = [{"role": "user", "content": "What is two plus two"}]
     assert tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False) == (
         base_tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
@@ -515,7 +524,7 @@ def test_resume_continues_at_the_checkpoint_with_identical_results(
     opts = dict(max_steps=6, checkpoint_every=2)
     straight = tr.train_refusal_model(options(bases["qwen2"], tmp_path / "straight", data, **opts))
 
-    save = tr.DirectoryCheckpointer.save
+    save = DirectoryCheckpointer.save
 
     def save_then_crash(self, model, optimizer, state):
         path = save(self, model, optimizer, state)
@@ -523,12 +532,12 @@ def test_resume_continues_at_the_checkpoint_with_identical_results(
             raise Interrupted
         return path
 
-    monkeypatch.setattr(tr.DirectoryCheckpointer, "save", save_then_crash)
+    monkeypatch.setattr(DirectoryCheckpointer, "save", save_then_crash)
     out = tmp_path / "resumed"
     with pytest.raises(Interrupted):
         tr.train_refusal_model(options(bases["qwen2"], out, data, **opts))
     monkeypatch.undo()
-    assert sorted(p.name for p in (out / tr.CHECKPOINTS_DIR).iterdir()) == ["step-2", "step-4"]
+    assert sorted(p.name for p in (out / CHECKPOINTS_DIR).iterdir()) == ["step-2", "step-4"]
     assert not (out / "refusal_manifest.json").exists()
 
     resumed = tr.train_refusal_model(options(bases["qwen2"], out, data, resume=True, **opts))
