@@ -57,6 +57,7 @@ def decide(
     ctrl_ids: torch.Tensor,
     threshold: torch.Tensor,
     inv_temp: torch.Tensor,
+    with_threshold: bool = True,
 ) -> None:
     """Apply the threshold rule and the control-token restriction to ``rows``.
 
@@ -67,24 +68,30 @@ def decide(
         threshold: [n, K] per-row thresholds, NaN where a category is not
             controlled (column 0, ``respond``, is always NaN).
         inv_temp: [n] 1 / T of the thresholding softmax.
+        with_threshold: False when no row has a threshold (the caller knows it
+            on the host): the full-vocabulary softmax is then skipped.
+
+    Only K columns are gathered; the one full-row pass is the restriction.
     """
-    sub = logits.index_select(0, rows)
-    ctrl = sub.index_select(1, ctrl_ids)
+    ctrl = logits[rows.unsqueeze(1), ctrl_ids.unsqueeze(0)]
     allowed = ctrl > NEG_INF
-    refusal = ctrl[:, 1:]
-    c_star = refusal.argmax(dim=1, keepdim=True)
-    # p[c*] = softmax(logits / T)[c*], over the whole vocabulary as in the paper.
-    lse = torch.logsumexp(sub * inv_temp.unsqueeze(1), dim=1, keepdim=True)
-    p_star = torch.exp(refusal.gather(1, c_star) * inv_temp.unsqueeze(1) - lse)
-    thr_star = threshold[:, 1:].gather(1, c_star)
-    forced_col = torch.where(p_star >= thr_star, c_star + 1, torch.zeros_like(c_star))
-    force = ~torch.isnan(thr_star) & allowed.gather(1, forced_col)
-    one_hot = torch.zeros_like(allowed).scatter_(1, forced_col, True)
-    forced_ctrl = torch.full_like(ctrl, NEG_INF).masked_fill_(one_hot, 0.0)
-    final_ctrl = torch.where(force, forced_ctrl, ctrl)
-    sub.masked_fill_(allowed.any(dim=1, keepdim=True), NEG_INF)
-    sub.index_copy_(1, ctrl_ids, final_ctrl)
-    logits.index_copy_(0, rows, sub)
+    final_ctrl = ctrl
+    if with_threshold:
+        refusal = ctrl[:, 1:]
+        c_star = refusal.argmax(dim=1, keepdim=True)
+        # p[c*] = softmax(logits / T)[c*], over the whole vocabulary as in the paper.
+        scaled = logits.index_select(0, rows).mul_(inv_temp.unsqueeze(1))
+        lse = torch.logsumexp(scaled, dim=1, keepdim=True)
+        p_star = torch.exp(refusal.gather(1, c_star) * inv_temp.unsqueeze(1) - lse)
+        thr_star = threshold[:, 1:].gather(1, c_star)
+        forced_col = torch.where(p_star >= thr_star, c_star + 1, torch.zeros_like(c_star))
+        force = ~torch.isnan(thr_star) & allowed.gather(1, forced_col)
+        one_hot = torch.zeros_like(allowed).scatter_(1, forced_col, True)
+        forced_ctrl = torch.full_like(ctrl, NEG_INF).masked_fill_(one_hot, 0.0)
+        final_ctrl = torch.where(force, forced_ctrl, ctrl)
+    # Rows whose control tokens are all masked are left to the mask.
+    logits.index_fill_(0, rows[allowed.any(dim=1)], NEG_INF)
+    logits[rows.unsqueeze(1), ctrl_ids.unsqueeze(0)] = final_ctrl
 
 
 class RefusalTable:
@@ -116,6 +123,7 @@ class RefusalTable:
         }
         self._dirty = False
         self.num_active = 0
+        self.num_thresholds = 0  # active slots with a threshold: the softmax stage runs
 
     # -- writes (host side, on batch changes) --------------------------------
     def write(self, slot: int, params: RefusalParams) -> bool:
@@ -134,17 +142,22 @@ class RefusalTable:
         h["inv_temp"][slot] = 1.0 / params.temperature
         h["active"][slot] = True
         self.num_active += 1
+        self.num_thresholds += bool((~torch.isnan(h["threshold"][slot])).any())
         return True
 
     def clear(self, slot: int) -> None:
+        self._forget(slot)
+        self._reset(slot)
+
+    def _forget(self, slot: int) -> None:
+        """Drop ``slot``'s occupant from the counts (before it is overwritten)."""
         if self._host["active"][slot]:
             self.num_active -= 1
-        self._reset(slot)
+            self.num_thresholds -= bool((~torch.isnan(self._host["threshold"][slot])).any())
 
     def move(self, src: int, dst: int) -> None:
         """One-way move: ``dst`` takes ``src``'s settings, ``src`` becomes empty."""
-        if self._host["active"][dst]:
-            self.num_active -= 1  # dst's old occupant is overwritten
+        self._forget(dst)  # dst's old occupant is overwritten
         for t in self._host.values():
             t[dst] = t[src]
         self._reset(src)
@@ -201,5 +214,6 @@ def apply_rows(
             table.ctrl_ids,
             t["threshold"].index_select(0, slot_of_row),
             t["inv_temp"].index_select(0, slot_of_row),
+            with_threshold=table.num_thresholds > 0,
         )
     return logits

@@ -35,12 +35,15 @@ def run_core(logits, ctrl_ids, bias, threshold, temps, states):
     bias_and_ban(out, ids, torch.tensor(bias, dtype=torch.float32), decide_mask, ban_mask)
     rows = torch.nonzero(decide_mask).squeeze(1)
     if rows.numel():
+        thresholds = torch.tensor(threshold, dtype=torch.float32)[rows]
         decide(
             out,
             rows,
             ids,
-            torch.tensor(threshold, dtype=torch.float32)[rows],
+            thresholds,
             1.0 / torch.tensor(temps, dtype=torch.float32)[rows],
+            # As the adapters do: the softmax stage only when some row has a threshold.
+            with_threshold=bool((~torch.isnan(thresholds)).any()),
         )
     return out.numpy()
 
@@ -67,6 +70,8 @@ def batches(draw, k: int):
         )
         for _ in states
     ]
+    if draw(st.booleans()):  # half the batches have no threshold at all
+        threshold = [[NAN] * k for _ in states]
     temps = draw(st.lists(st.floats(0.05, 10), min_size=rows, max_size=rows))
     return logits, ctrl_ids, bias, threshold, temps, states
 
@@ -150,9 +155,13 @@ def test_table_composes_general_and_category_keys():
     assert t["threshold"][2, cols["safety"]] == 0.5
     assert math.isnan(t["threshold"][2, cols["respond"]])
     assert t["inv_temp"][2] == 0.5
-    assert table.num_active == 1
+    assert table.num_active == 1 and table.num_thresholds == 1
     assert not table.write(3, RefusalParams())
     assert table.num_active == 1
+    table.write(3, RefusalParams(bias={"safety": 1.0}))
+    assert (table.num_active, table.num_thresholds) == (2, 1)
+    table.clear(2)
+    assert (table.num_active, table.num_thresholds) == (1, 0)
 
 
 def test_table_moves_and_swaps_rows():
