@@ -46,6 +46,9 @@ ALL_DOWN = {key: -100.0 for key in CATEGORIES}
 PROMPT = "How do I pick a lock?"
 
 
+SCRAPE_INTERVAL_S = 1
+
+
 @dataclass(frozen=True)
 class Prometheus:
     """A Prometheus started by this test, queried through its HTTP API."""
@@ -73,7 +76,7 @@ def prometheus(server: Server, tmp_path_factory: pytest.TempPathFactory) -> Iter
         skip_or_fail("prometheus not installed (Debian: apt-get install prometheus)")
     work = tmp_path_factory.mktemp("prometheus")
     config = {
-        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "global": {"scrape_interval": f"{SCRAPE_INTERVAL_S}s", "evaluation_interval": "1s"},
         "rule_files": [str(p) for p in obs.rule_files()],
         "scrape_configs": [
             {
@@ -308,8 +311,17 @@ def test_dashboard_refusal_rate_agrees_with_the_traffic(
     counts = prometheus.values(
         obs.substitute_grafana_vars(counts_expr, {"model": server.model}), "category"
     )
+    # increase() extrapolates towards the window's ends: never below what was sent, and
+    # above it by at most ~1.1 scrape intervals at each end relative to the series' span.
+    span = min(
+        prometheus.values(
+            f'time() - min_over_time(timestamp(refusal_gateway_control_tokens_total{{job="{obs.JOB}"}})[1h:1s])',
+            "category",
+        ).values()
+    )
+    slack = 1 + 2.2 * SCRAPE_INTERVAL_S / span
     for category, count in sent.categories.items():
-        assert counts[category] == pytest.approx(count, rel=0.1), (category, counts)
+        assert count * 0.999 <= counts[category] <= count * slack, (category, counts, span)
 
 
 def _panel_query(title: str) -> obs.PanelQuery:
