@@ -175,8 +175,10 @@ class RefusalTable:
             t[[a, b]] = t[[b, a]]
         self._dirty = True
 
-    def is_active(self, slot: int) -> bool:
-        return bool(self._host["active"][slot])
+    @property
+    def active_host(self):
+        """Host (numpy) view of the per-slot active flags, for sync-free early exits."""
+        return self._host["active"].numpy()
 
     # -- reads (device side, in apply) ---------------------------------------
     def tensors(self) -> dict[str, torch.Tensor]:

@@ -45,7 +45,7 @@ class RefusalLogitsProcessorV2(LogitsProcessor):
         manifest = load_manifest(vllm_config)
         self.table = RefusalTable(manifest, req_states.max_num_reqs, req_states.device)
         self._req_states = req_states
-        self._active_np = self.table._host["active"].numpy()
+        self._active_np = self.table.active_host
         logger.info(
             "refusal logits processor (V2): %s scheme, control ids %s",
             manifest.scheme,
