@@ -121,11 +121,11 @@ class Gateway:
     def copy_content(self) -> bool:
         return self.settings.refusal_content == "copy"
 
-    def recorder(self, plan: RequestPlan, log: RequestLog | None = None):
-        """The decision counter of one request (its profile is a label)."""
+    def recorder(self, plan: RequestPlan, log: RequestLog):
+        """Counts each decision of one request (its profile is a label) and logs it."""
         profile = plan.profile or NO_PROFILE
         counters = self.metrics.control_tokens
-        decisions = log.decisions if log is not None else []
+        decisions = log.decisions
 
         def record(decision: Decision) -> None:
             counters[decision.key, profile].inc()
@@ -152,7 +152,7 @@ class Gateway:
 
     # -- response side -------------------------------------------------------
     def rewrite_completion(
-        self, payload: Any, plan: RequestPlan, shape: TextShape, log: RequestLog | None = None
+        self, payload: Any, plan: RequestPlan, shape: TextShape, log: RequestLog
     ) -> None:
         """Rewrite a non-streamed (chat or text) completion in place."""
         if not isinstance(payload, dict):
@@ -171,7 +171,7 @@ class Gateway:
             )
 
     def stream_rewriter(
-        self, plan: RequestPlan, shape: TextShape, log: RequestLog | None = None
+        self, plan: RequestPlan, shape: TextShape, log: RequestLog
     ) -> StreamRewriter:
         return StreamRewriter(self.control, plan.n, self.copy_content, self.recorder(plan, log), shape)
 

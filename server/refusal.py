@@ -57,9 +57,9 @@ class ControlText:
 
     def __init__(self, manifest: RefusalManifest):
         self.manifest = manifest
-        self._by_text = manifest.by_text()
+        self.by_text = manifest.by_text()
         # Longest first, so a token that prefixes another never wins wrongly.
-        texts = sorted(self._by_text, key=len, reverse=True)
+        texts = sorted(self.by_text, key=len, reverse=True)
         self._pattern = re.compile("|".join(re.escape(t) for t in texts))
         self.max_len = max(len(t) for t in texts)
 
@@ -75,12 +75,12 @@ class ControlText:
         rest = text[match.end() :]
         if rest.startswith(" "):
             rest = rest[1:]  # the space the model writes after the token
-        return Decision(self._by_text[match.group()]), self.strip(rest)
+        return Decision(self.by_text[match.group()]), self.strip(rest)
 
     def undecided(self, buffered: str) -> bool:
         """Whether ``buffered`` may still grow into a control token (keep waiting)."""
         return len(buffered) < self.max_len and any(
-            t.startswith(buffered) for t in self._by_text
+            t.startswith(buffered) for t in self.by_text
         )
 
     def neutralise(self, text: str) -> str:
@@ -150,7 +150,7 @@ def strip_logprobs(control: ControlText, choice: dict[str, Any]) -> dict[str, fl
     logprobs = choice.get("logprobs")
     if not isinstance(logprobs, dict) or not isinstance(logprobs.get("content"), list):
         return None
-    texts = control.manifest.by_text()
+    texts = control.by_text
     kept, probabilities = [], None
     for entry in logprobs["content"]:
         if isinstance(entry, dict) and entry.get("token") in texts:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -24,5 +23,4 @@ def demo_model_dir() -> Path:
     """The embedded demo model, built once (cached under REFUSAL_GATEWAY_CACHE_DIR)."""
     from refusal_gateway.tools.demo_model import build_demo_model, demo_model_dir
 
-    cache = os.environ.get("REFUSAL_GATEWAY_CACHE_DIR")
-    return build_demo_model(demo_model_dir(Path(cache) if cache else None))
+    return build_demo_model(demo_model_dir())

@@ -97,15 +97,16 @@ def cache_key(recipe: DemoRecipe, corpus: Path | None = None) -> str:
     return h.hexdigest()[:16]
 
 
-def default_cache_dir() -> Path:
-    root = os.environ.get("REFUSAL_GATEWAY_CACHE_DIR") or Path.home() / ".cache" / "refusal-gateway"
-    return Path(root)
-
-
 def demo_model_dir(cache_dir: Path | None = None, recipe: DemoRecipe | None = None) -> Path:
-    """Where the demo model for the current corpus and recipe lives (built or not)."""
+    """Where the demo model for the current corpus and recipe lives (built or not).
+
+    ``cache_dir`` defaults to the settings' (``REFUSAL_GATEWAY_CACHE_DIR``).
+    """
+    from ..settings import GatewaySettings
+
     recipe = recipe or DemoRecipe()
-    return (cache_dir or default_cache_dir()) / "models" / f"demo-{cache_key(recipe)}"
+    root = cache_dir or GatewaySettings().cache_dir
+    return root / "models" / f"demo-{cache_key(recipe)}"
 
 
 def is_built(model_dir: Path) -> bool:

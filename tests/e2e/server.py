@@ -6,13 +6,13 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+from refusal_gateway.launcher import wait_healthy
 
 MODEL_NAME = "refusal-demo"
 
@@ -58,18 +58,9 @@ def running_server(
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=full_env)
     server = Server(f"http://127.0.0.1:{port}", MODEL_NAME, model_dir, log)
     try:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited with {proc.returncode}:\n{_tail(log)}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"server not healthy after {timeout_s}s:\n{_tail(log)}")
-            try:
-                if httpx.get(server.base_url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
+        if not wait_healthy(server.base_url, proc, timeout_s):
+            state = f"exited with {proc.returncode}" if proc.poll() is not None else "not healthy"
+            raise RuntimeError(f"server {state} after up to {timeout_s}s:\n{_tail(log)}")
         yield server
     finally:
         stop_process(proc, timeout_s=60)
