@@ -25,10 +25,12 @@ runs over the whole batch, the full-vocabulary part only over decision rows.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 
 from .params import RefusalParams
+from .report import DecisionReporter, Target, control_probabilities
 from .vocab import REFUSE_KEY, RefusalManifest
 
 NEG_INF = float("-inf")
@@ -124,6 +126,9 @@ class RefusalTable:
         self._dirty = False
         self.num_active = 0
         self.num_thresholds = 0  # active slots with a threshold: the softmax stage runs
+        # Where each slot's decision is reported (host only: strings).
+        self.targets: list[Target | None] = [None] * max_rows
+        self.reporter = DecisionReporter(self.device)
 
     # -- writes (host side, on batch changes) --------------------------------
     def write(self, slot: int, params: RefusalParams) -> bool:
@@ -141,6 +146,8 @@ class RefusalTable:
                 h["threshold"][slot, col] = params.threshold[key]
         h["inv_temp"][slot] = 1.0 / params.temperature
         h["active"][slot] = True
+        if params.report_to is not None and params.report_id is not None:
+            self.targets[slot] = (params.report_to, params.report_id)
         self.num_active += 1
         self.num_thresholds += bool((~torch.isnan(h["threshold"][slot])).any())
         return True
@@ -160,6 +167,7 @@ class RefusalTable:
         self._forget(dst)  # dst's old occupant is overwritten
         for t in self._host.values():
             t[dst] = t[src]
+        self.targets[dst] = self.targets[src]
         self._reset(src)
 
     def _reset(self, slot: int) -> None:
@@ -168,11 +176,13 @@ class RefusalTable:
         h["threshold"][slot] = math.nan
         h["inv_temp"][slot] = 1.0
         h["active"][slot] = False
+        self.targets[slot] = None
         self._dirty = True
 
     def swap(self, a: int, b: int) -> None:
         for t in self._host.values():
             t[[a, b]] = t[[b, a]]
+        self.targets[a], self.targets[b] = self.targets[b], self.targets[a]
         self._dirty = True
 
     @property
@@ -197,13 +207,19 @@ def apply_rows(
     decide_mask: torch.Tensor,
     ban_mask: torch.Tensor,
     decide_rows: torch.Tensor | None,
+    decide_slots: Sequence[int] | None = None,
 ) -> torch.Tensor:
     """Run both stages for a batch whose row r holds slot ``slots[r]``.
 
     ``slots`` None means row r is slot r (the V1 persistent batch).
     ``decide_rows`` are the indices where ``decide_mask`` is set, or None when
     no row is at its decision position (the full-vocabulary stage is skipped).
+    ``decide_slots`` are the same rows' slots on the host, when known: rows
+    whose request asked for a decision report get the model's own
+    control-token probabilities sent before bias or threshold touch them.
     """
+    if decide_rows is not None and decide_slots is not None:
+        report(table, logits, decide_rows, decide_slots)
     t = table.tensors()
     n = logits.shape[0]
     bias = t["bias"][:n] if slots is None else t["bias"].index_select(0, slots)
@@ -219,3 +235,19 @@ def apply_rows(
             with_threshold=table.num_thresholds > 0,
         )
     return logits
+
+
+def report(
+    table: RefusalTable,
+    logits: torch.Tensor,
+    decide_rows: torch.Tensor,
+    decide_slots: Sequence[int],
+) -> None:
+    """Send decision reports for the decision rows that asked for one."""
+    wanted = [i for i, slot in enumerate(decide_slots) if table.targets[slot] is not None]
+    if not wanted:
+        return
+    rows = decide_rows if len(wanted) == len(decide_slots) else decide_rows[wanted]
+    probabilities = control_probabilities(logits, rows, table.ctrl_ids)
+    targets = [table.targets[decide_slots[i]] for i in wanted]
+    table.reporter.send(targets, probabilities)  # type: ignore[arg-type]

@@ -23,7 +23,17 @@ TEMPERATURE_FIELD = "refusal_temperature"
 #: Engine-only flag the gateway always sets: act as a refusal-token request
 #: (control token first, none later) even with no bias or threshold.
 DECIDE_FIELD = "refusal_decide"
-FIELDS = (BIAS_FIELD, THRESHOLD_FIELD, TEMPERATURE_FIELD, DECIDE_FIELD)
+#: Engine-only fields the gateway sets: where the processor sends the model's
+#: own control-token probabilities at the decision step (an abstract Unix
+#: socket, ``@name``) and under which id (see :mod:`refusal_plugins.report`).
+REPORT_TO_FIELD = "refusal_report_to"
+REPORT_ID_FIELD = "refusal_report_id"
+ENGINE_FIELDS = (DECIDE_FIELD, REPORT_TO_FIELD, REPORT_ID_FIELD)
+FIELDS = (BIAS_FIELD, THRESHOLD_FIELD, TEMPERATURE_FIELD, *ENGINE_FIELDS)
+#: Only abstract-namespace sockets: a request can never make the engine write
+#: to a path on the filesystem.
+REPORT_ADDRESS_PREFIX = "@"
+MAX_REPORT_FIELD_LEN = 128
 
 BIAS_LIMIT = 100.0  # same range as OpenAI's logit_bias
 #: The paper's default temperature for the thresholding softmax.
@@ -47,6 +57,8 @@ class RefusalParams:
     threshold: Mapping[str, float] = field(default_factory=dict)
     temperature: float = DEFAULT_TEMPERATURE
     decide: bool = False
+    report_to: str | None = None
+    report_id: str | None = None
 
     @property
     def active(self) -> bool:
@@ -90,7 +102,7 @@ def _collect(extra_args: Mapping[str, Any]) -> dict[str, Any]:
             raise RefusalParamError(
                 raw_key, f"unknown refusal argument {raw_key!r}; expected one of {list(FIELDS)}"
             )
-        if name in (TEMPERATURE_FIELD, DECIDE_FIELD):
+        if name in (TEMPERATURE_FIELD, *ENGINE_FIELDS):
             if dot:
                 raise RefusalParamError(raw_key, f"{name} takes a single value, not {raw_key!r}")
             grouped[name] = value
@@ -135,15 +147,47 @@ def parse_refusal_params(extra_args: Mapping[str, Any] | None) -> RefusalParams:
         if decide not in (0, 1) or isinstance(decide, float):
             raise RefusalParamError(DECIDE_FIELD, f"{DECIDE_FIELD} must be 0, 1, true or false")
         decide = bool(decide)
-    return RefusalParams(bias=bias, threshold=threshold, temperature=temperature, decide=decide)
+    report_to = _text(REPORT_TO_FIELD, grouped.get(REPORT_TO_FIELD))
+    report_id = _text(REPORT_ID_FIELD, grouped.get(REPORT_ID_FIELD))
+    if report_to is not None and not report_to.startswith(REPORT_ADDRESS_PREFIX):
+        raise RefusalParamError(
+            REPORT_TO_FIELD,
+            f"{REPORT_TO_FIELD} must be an abstract socket name starting with "
+            f"{REPORT_ADDRESS_PREFIX!r}",
+        )
+    if (report_to is None) != (report_id is None):
+        raise RefusalParamError(
+            REPORT_TO_FIELD, f"{REPORT_TO_FIELD} and {REPORT_ID_FIELD} go together"
+        )
+    return RefusalParams(
+        bias=bias,
+        threshold=threshold,
+        temperature=temperature,
+        decide=decide,
+        report_to=report_to,
+        report_id=report_id,
+    )
 
 
-def flatten_refusal_params(params: RefusalParams) -> dict[str, float]:
+def _text(name: str, value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not 0 < len(value) <= MAX_REPORT_FIELD_LEN:
+        raise RefusalParamError(
+            name, f"{name} must be a string of 1 to {MAX_REPORT_FIELD_LEN} characters"
+        )
+    return value
+
+
+def flatten_refusal_params(params: RefusalParams) -> dict[str, float | str]:
     """The ``vllm_xargs`` form of ``params`` (flat ``field.key`` scalars)."""
-    flat: dict[str, float] = {f"{BIAS_FIELD}.{k}": v for k, v in params.bias.items()}
+    flat: dict[str, float | str] = {f"{BIAS_FIELD}.{k}": v for k, v in params.bias.items()}
     flat.update({f"{THRESHOLD_FIELD}.{k}": v for k, v in params.threshold.items()})
     if params.active and params.temperature != DEFAULT_TEMPERATURE:
         flat[TEMPERATURE_FIELD] = params.temperature
     if params.decide:
         flat[DECIDE_FIELD] = 1
+    if params.report_to is not None and params.report_id is not None:
+        flat[REPORT_TO_FIELD] = params.report_to
+        flat[REPORT_ID_FIELD] = params.report_id
     return flat

@@ -58,6 +58,7 @@ class RefusalLogitsProcessor(LogitsProcessor):
         self._pending: dict[int, list[int]] = {}  # row -> live output list
         self._decide_mask = torch.zeros(max_rows, dtype=torch.bool, device=device)
         self._decide_rows: torch.Tensor | None = None
+        self._decide_slots: list[int] = []
         self._ban_mask = torch.zeros(max_rows, dtype=torch.bool, device=device)
         self._device = device
         self._masks_stale = False
@@ -108,6 +109,7 @@ class RefusalLogitsProcessor(LogitsProcessor):
 
     def _refresh_masks(self) -> None:
         rows = sorted(self._pending)
+        self._decide_slots = rows
         self._decide_mask.zero_()
         if rows:
             idx = torch.tensor(rows, dtype=torch.long, device=self._device)
@@ -132,4 +134,5 @@ class RefusalLogitsProcessor(LogitsProcessor):
             self._decide_mask[:n],
             self._ban_mask[:n],
             self._decide_rows,
+            self._decide_slots,
         )

@@ -71,10 +71,14 @@ class RefusalLogitsProcessorV2(LogitsProcessor):
         decide_mask = active & (ctx.pos == row_prompt_len - 1)
         ban_mask = active & (ctx.pos >= row_prompt_len)
         host_decide = active_reqs & (ctx.seq_lens_upper_bound_np == prompt_len.np[req_slots])
-        decide_rows = None
+        decide_rows, decide_slots = None, None
         if host_decide.any():
             if logits.shape[0] == len(req_slots):  # one row per request
-                decide_rows = torch.from_numpy(np.flatnonzero(host_decide)).to(logits.device)
-            else:  # speculative rows: find them on the device
+                rows_np = np.flatnonzero(host_decide)
+                decide_rows = torch.from_numpy(rows_np).to(logits.device)
+                decide_slots = req_slots[rows_np].tolist()
+            else:  # speculative rows: find them on the device (no reports then)
                 decide_rows = decide_mask.nonzero().squeeze(1)
-        return apply_rows(self.table, logits, slots, decide_mask, ban_mask, decide_rows)
+        return apply_rows(
+            self.table, logits, slots, decide_mask, ban_mask, decide_rows, decide_slots
+        )

@@ -13,13 +13,20 @@ from __future__ import annotations
 
 import weakref
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
 
 #: Why the layer answered a request itself (label ``reason``).
 REJECT_REASONS = ("validation", "auth", "policy", "unavailable")
 #: Which refusal controls a request used (label ``controls``).
 CONTROLS = ("none", "bias", "threshold", "bias+threshold")
 NO_PROFILE = "none"
+#: Whose decision the emitted control token was (label ``source``).
+SOURCES = ("model", "forced", "unknown")
+#: Canary labels: the prompt's expected behaviour and what happened.
+CANARY_EXPECTED = ("respond", "refuse")
+CANARY_OUTCOMES = ("respond", "refuse", "none")
+#: Buckets of the model's own refusal probability at the decision step.
+PROBABILITY_BUCKETS = (0.01, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
 
 _BY_REGISTRY: weakref.WeakKeyDictionary[CollectorRegistry, GatewayMetrics] = (
     weakref.WeakKeyDictionary()
@@ -37,8 +44,25 @@ class GatewayMetrics:
         self.control_tokens = Counter(
             "refusal_gateway_control_tokens",
             "Control tokens emitted at the decision position, by model, category "
-            "(respond, a refusal category key, or none when no control token came) and profile.",
-            ["model", "category", "profile"],
+            "(respond, a refusal category key, or none when no control token came), profile "
+            "and source (model: the model's own top control token, or no controls used; "
+            "forced: bias/threshold changed it; unknown: no decision report).",
+            ["model", "category", "profile", "source"],
+            registry=registry,
+        )
+        self.refusal_probability = Histogram(
+            "refusal_gateway_refusal_probability",
+            "The model's own probability of refusing at the decision step (sum over refusal "
+            "categories of softmax(logits), before bias or threshold), one per request.",
+            ["model", "profile"],
+            buckets=PROBABILITY_BUCKETS,
+            registry=registry,
+        )
+        self.canary = Counter(
+            "refusal_gateway_canary_decisions",
+            "Decisions on the canary set (the launcher's prober), by the prompt's expected "
+            "behaviour and the outcome (refuse: any refusal category).",
+            ["model", "expected", "outcome"],
             registry=registry,
         )
         self.requests = Counter(
@@ -65,9 +89,20 @@ class BoundMetrics:
     def __init__(self, metrics: GatewayMetrics, model: str, keys: list[str], profiles: list[str]):
         names = [NO_PROFILE, *profiles]
         self.control_tokens = {
-            (key, p): metrics.control_tokens.labels(model=model, category=key, profile=p)
+            (key, p, s): metrics.control_tokens.labels(
+                model=model, category=key, profile=p, source=s
+            )
             for key in keys
             for p in names
+            for s in SOURCES
+        }
+        self.refusal_probability = {
+            p: metrics.refusal_probability.labels(model=model, profile=p) for p in names
+        }
+        self.canary = {
+            (e, o): metrics.canary.labels(model=model, expected=e, outcome=o)
+            for e in CANARY_EXPECTED
+            for o in CANARY_OUTCOMES
         }
         self.requests = {
             (c, p): metrics.requests.labels(model=model, controls=c, profile=p)

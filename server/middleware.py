@@ -14,8 +14,10 @@ sets (see :mod:`refusal_gateway.settings`).
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
+import os
 import time
 import uuid
 from collections.abc import Callable
@@ -26,7 +28,7 @@ from refusal_plugins.vocab import RefusalManifest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .errors import GatewayError, bad_request, send_error
-from .metrics import NO_PROFILE, BoundMetrics, get_metrics, reason_for_status
+from .metrics import CANARY_EXPECTED, NO_PROFILE, BoundMetrics, get_metrics, reason_for_status
 from .policy import ApiKey, Policy
 from .protocol import RequestPlan, prepare_chat_request, prepare_completion_request
 from .refusal import (
@@ -38,6 +40,7 @@ from .refusal import (
     TextShape,
     strip_logprobs,
 )
+from .reports import DecisionInbox
 from .settings import GatewaySettings
 from .stream import StreamRewriter
 
@@ -60,6 +63,22 @@ ROUTES = {
 }
 #: Paths that stay open when API keys are configured (probes and scrapes).
 OPEN_PATHS = frozenset({"/health", "/ping", "/metrics", "/version"})
+#: The launcher's canary prober proves itself with this per-launch secret
+#: (header ``X-Refusal-Canary``) and names the prompt's expected behaviour in
+#: ``X-Refusal-Canary-Expect``; only such requests count as canary decisions.
+CANARY_SECRET_ENV = "REFUSAL_GATEWAY_CANARY_SECRET"
+CANARY_HEADER = b"x-refusal-canary"
+CANARY_EXPECT_HEADER = b"x-refusal-canary-expect"
+
+
+@dataclass
+class Outcome:
+    """What the response side learns about one request beyond its text."""
+
+    #: The model's own control-token probabilities (the engine's decision report).
+    probabilities: dict[str, float] | None = None
+    #: The canary prompt's expected behaviour, for canary requests only.
+    canary: str | None = None
 
 
 @dataclass
@@ -112,6 +131,8 @@ class Gateway:
         metrics = get_metrics() if registry is None else get_metrics(registry)
         keys = [t.key for t in manifest.tokens] + ["none"]
         self.metrics = BoundMetrics(metrics, self.model_name, keys, self.policy.profile_names)
+        self.inbox = DecisionInbox([t.key for t in manifest.tokens], settings.decision_report_wait_s)
+        self.canary_secret = os.environ.get(CANARY_SECRET_ENV, "").encode()
 
     @classmethod
     def from_settings(cls, settings: GatewaySettings) -> Gateway:
@@ -121,15 +142,38 @@ class Gateway:
     def copy_content(self) -> bool:
         return self.settings.refusal_content == "copy"
 
-    def recorder(self, plan: RequestPlan, log: RequestLog):
-        """Counts each decision of one request (its profile is a label) and logs it."""
+    def canary_expectation(self, scope: Scope) -> str | None:
+        """The expected behaviour of a canary request, or None for any other request."""
+        given = _header(scope, CANARY_HEADER, lower=False)
+        if not (self.canary_secret and given and hmac.compare_digest(given, self.canary_secret)):
+            return None
+        expected = _header(scope, CANARY_EXPECT_HEADER).decode()
+        return expected if expected in CANARY_EXPECTED else None
+
+    async def learn(self, plan: RequestPlan, outcome: Outcome) -> None:
+        """Fetch the engine's decision report once the first bytes of a response exist."""
+        if plan.report_id is None:
+            return
+        outcome.probabilities = await self.inbox.take(plan.report_id)
+        if outcome.probabilities is not None:
+            p_refuse = sum(p for k, p in outcome.probabilities.items() if k != "respond")
+            self.metrics.refusal_probability[plan.profile or NO_PROFILE].observe(p_refuse)
+
+    def recorder(self, plan: RequestPlan, log: RequestLog, outcome: Outcome):
+        """Judges, counts and logs each decision of one request; returns its JSON."""
         profile = plan.profile or NO_PROFILE
         counters = self.metrics.control_tokens
-        decisions = log.decisions
+        controlled = plan.controls != "none"
 
-        def record(decision: Decision) -> None:
-            counters[decision.key, profile].inc()
-            decisions.append(decision.key)
+        def record(decision: Decision, from_logprobs: dict[str, float] | None) -> dict[str, Any]:
+            probabilities = outcome.probabilities or from_logprobs
+            source = decision.source(probabilities, controlled)
+            counters[decision.key, profile, source].inc()
+            if outcome.canary is not None:
+                result = "none" if decision.token is None else ("refuse" if decision.refused else "respond")
+                self.metrics.canary[outcome.canary, result].inc()
+            log.decisions.append(decision.key)
+            return decision.to_json(probabilities, source)
 
         return record
 
@@ -146,34 +190,34 @@ class Gateway:
             raise bad_request(f"request body is not valid JSON: {e}", code="invalid_json") from None
         if not isinstance(body, dict):
             raise bad_request("request body must be a JSON object", code="invalid_json")
-        plan = route.prepare(body, self.manifest, self.control, self.policy, key)
+        plan = route.prepare(body, self.manifest, self.control, self.policy, key, self.inbox)
         self.metrics.requests[plan.controls, plan.profile or NO_PROFILE].inc()
         return json.dumps(body, ensure_ascii=False).encode(), plan
 
     # -- response side -------------------------------------------------------
     def rewrite_completion(
-        self, payload: Any, plan: RequestPlan, shape: TextShape, log: RequestLog
+        self, payload: Any, plan: RequestPlan, shape: TextShape, log: RequestLog, outcome: Outcome
     ) -> None:
         """Rewrite a non-streamed (chat or text) completion in place."""
         if not isinstance(payload, dict):
             return
-        record = self.recorder(plan, log)
+        record = self.recorder(plan, log, outcome)
         for choice in payload.get("choices") or []:
             target = shape.target(choice)
             if target is None:
                 continue
             text = target.get(shape.field)
             decision, visible = self.control.split(text or "")
-            record(decision)
-            choice["refusal_decision"] = decision.to_json(strip_logprobs(self.control, choice))
+            choice["refusal_decision"] = record(decision, strip_logprobs(self.control, choice))
             shape.place(
                 target, decision.refused, visible if text is not None else None, self.copy_content
             )
 
     def stream_rewriter(
-        self, plan: RequestPlan, shape: TextShape, log: RequestLog
+        self, plan: RequestPlan, shape: TextShape, log: RequestLog, outcome: Outcome
     ) -> StreamRewriter:
-        return StreamRewriter(self.control, plan.n, self.copy_content, self.recorder(plan, log), shape)
+        record = self.recorder(plan, log, outcome)
+        return StreamRewriter(self.control, plan.n, self.copy_content, record, shape)
 
 
 class RefusalGatewayMiddleware:
@@ -194,7 +238,8 @@ class RefusalGatewayMiddleware:
             await self.app(scope, receive, send)
             return
         key = None
-        if self.gateway.policy.requires_key and scope["path"] not in OPEN_PATHS:
+        canary = self.gateway.canary_expectation(scope)
+        if self.gateway.policy.requires_key and scope["path"] not in OPEN_PATHS and canary is None:
             # This layer is outside vLLM's own middlewares: authenticate first.
             try:
                 key = self.gateway.policy.authenticate(_header(scope, b"authorization", lower=False).decode())
@@ -222,11 +267,20 @@ class RefusalGatewayMiddleware:
             return
         log.profile, log.controls = plan.profile, plan.controls
         scope = _with_header(_with_length(scope, len(body)), b"x-request-id", request_id.encode())
-        await self.app(scope, _replay(body, receive), self._responder(plan, route, send, log))
+        outcome = Outcome(canary=canary)
+        try:
+            await self.app(
+                scope, _replay(body, receive), self._responder(plan, route, send, log, outcome)
+            )
+        finally:
+            if plan.report_id is not None:
+                self.gateway.inbox.forget(plan.report_id)
 
-    def _responder(self, plan: RequestPlan, route: Route, send: Send, log: RequestLog) -> Send:
+    def _responder(
+        self, plan: RequestPlan, route: Route, send: Send, log: RequestLog, outcome: Outcome
+    ) -> Send:
         gateway = self.gateway
-        state: dict[str, Any] = {"mode": "pass", "start": None, "parts": []}
+        state: dict[str, Any] = {"mode": "pass", "start": None, "parts": [], "learnt": False}
         rewriter: StreamRewriter | None = None
 
         async def send_wrapper(message: Message) -> None:
@@ -239,7 +293,7 @@ class RefusalGatewayMiddleware:
                     state["mode"] = "pass"
                 elif content_type.startswith(b"text/event-stream"):
                     state["mode"] = "stream"
-                    rewriter = gateway.stream_rewriter(plan, route.delta, log)
+                    rewriter = gateway.stream_rewriter(plan, route.delta, log, outcome)
                 elif content_type.startswith(b"application/json"):
                     state["mode"] = "json"
                     state["start"] = message
@@ -260,6 +314,11 @@ class RefusalGatewayMiddleware:
             if message["type"] != "http.response.body" or state["mode"] == "pass":
                 await send(message)
                 return
+            if not state["learnt"]:
+                # Bytes of a successful response exist: the first token, and so
+                # the decision report, has been computed.
+                state["learnt"] = True
+                await gateway.learn(plan, outcome)
             if state["mode"] == "stream":
                 assert rewriter is not None
                 data = rewriter.feed(message.get("body", b""))
@@ -272,7 +331,7 @@ class RefusalGatewayMiddleware:
                 return
             body = _rewrite_json(
                 b"".join(state["parts"]),
-                lambda payload: gateway.rewrite_completion(payload, plan, route.message, log),
+                lambda payload: gateway.rewrite_completion(payload, plan, route.message, log, outcome),
             )
             start = dict(state["start"])
             start["headers"] = _set_header(start["headers"], b"content-length", str(len(body)).encode())

@@ -11,11 +11,11 @@ manifest and passes them on as flat ``vllm_xargs``. Any other top-level
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Protocol
 
 from refusal_plugins.params import (
     BIAS_FIELD,
-    DECIDE_FIELD,
+    ENGINE_FIELDS,
     TEMPERATURE_FIELD,
     THRESHOLD_FIELD,
     RefusalParamError,
@@ -29,6 +29,15 @@ from .errors import bad_request
 from .policy import PROFILE_FIELD, ApiKey, Policy
 from .refusal import ControlText
 
+
+class Reports(Protocol):
+    """Where decision reports go (:class:`refusal_gateway.reports.DecisionInbox`)."""
+
+    name: str
+
+    def new_id(self) -> str: ...
+
+
 #: Top-level request fields of the refusal API.
 REQUEST_FIELDS = (BIAS_FIELD, THRESHOLD_FIELD, TEMPERATURE_FIELD)
 
@@ -41,6 +50,8 @@ class RequestPlan:
     n: int
     params: RefusalParams
     profile: str | None = None
+    #: Id of the engine's decision report (None: not asked, e.g. several prompts).
+    report_id: str | None = None
 
     @property
     def controls(self) -> str:
@@ -75,8 +86,10 @@ def take_refusal_params(body: dict[str, Any], manifest: RefusalManifest) -> Refu
                 raise bad_request(
                     f"{field} given both as a field and in vllm_xargs ({key})", param=key
                 )
-            if field == DECIDE_FIELD:
-                continue
+            if field in ENGINE_FIELDS:
+                raise bad_request(
+                    f"vllm_xargs.{key} is set by the gateway, not by clients", param=key
+                )
             given[key] = xargs.pop(key)
     try:
         params = parse_refusal_params(given)
@@ -94,19 +107,39 @@ def take_refusal_params(body: dict[str, Any], manifest: RefusalManifest) -> Refu
 
 
 def _prepare(
-    body: dict[str, Any], manifest: RefusalManifest, policy: Policy, key: ApiKey | None, choices: int
+    body: dict[str, Any],
+    manifest: RefusalManifest,
+    policy: Policy,
+    key: ApiKey | None,
+    prompts: int,
+    report: Reports | None,
 ) -> RequestPlan:
-    """The part both endpoints share: settings in, ``vllm_xargs`` and special tokens out."""
+    """The part both endpoints share: settings in, ``vllm_xargs`` and special tokens out.
+
+    With one prompt, the engine is asked for a decision report (all ``n``
+    choices share the prompt, so one report describes them all); several
+    prompts would share one id, so they go without.
+    """
     profile_name = body.pop(PROFILE_FIELD, None)
     requested = take_refusal_params(body, manifest)
     params, profile = policy.resolve(profile_name, requested, key)
+    report_id = None
+    if report is not None and prompts == 1:
+        report_id = report.new_id()
+        params = replace(params, report_to=report.name, report_id=report_id)
     params = replace(params, decide=True)
     # The layer reads the decision from the text, so vLLM must keep special tokens.
     body["skip_special_tokens"] = False
     body["vllm_xargs"] = {**(body.get("vllm_xargs") or {}), **flatten_refusal_params(params)}
     n = body.get("n")
     n = n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else 1
-    return RequestPlan(stream=body.get("stream") is True, n=n * choices, params=params, profile=profile)
+    return RequestPlan(
+        stream=body.get("stream") is True,
+        n=n * prompts,
+        params=params,
+        profile=profile,
+        report_id=report_id,
+    )
 
 
 def prepare_chat_request(
@@ -115,12 +148,13 @@ def prepare_chat_request(
     control: ControlText,
     policy: Policy,
     key: ApiKey | None = None,
+    report: Reports | None = None,
 ) -> RequestPlan:
     """Rewrite a chat-completions body in place for vLLM; return the response plan.
 
     Precedence: server/key default profile → ``refusal_profile`` → request fields.
     """
-    plan = _prepare(body, manifest, policy, key, choices=1)
+    plan = _prepare(body, manifest, policy, key, prompts=1, report=report)
     control.neutralise_messages(body.get("messages"))
     return plan
 
@@ -131,6 +165,7 @@ def prepare_completion_request(
     control: ControlText,
     policy: Policy,
     key: ApiKey | None = None,
+    report: Reports | None = None,
 ) -> RequestPlan:
     """Rewrite a text-completions body in place; prompts are defused like chat messages.
 
@@ -153,4 +188,4 @@ def prepare_completion_request(
         body["prompt"] = control.neutralise(prompt)
     elif isinstance(prompt, list):
         body["prompt"] = [control.neutralise(p) if isinstance(p, str) else p for p in prompt]
-    return _prepare(body, manifest, policy, key, choices=max(1, len(prompts)))
+    return _prepare(body, manifest, policy, key, prompts=max(1, len(prompts)), report=report)

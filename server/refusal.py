@@ -35,21 +35,38 @@ class Decision:
         """Metric label: the control key, or ``none`` when no token was emitted."""
         return self.token.key if self.token else "none"
 
-    def to_json(self, probabilities: dict[str, float] | None = None) -> dict[str, Any]:
+    def source(self, probabilities: dict[str, float] | None, controlled: bool) -> str:
+        """Whose decision this was (the metric label ``source``).
+
+        ``forced``: the request used refusal controls and the emitted token is
+        not the model's own most likely control token; ``model``: otherwise;
+        ``unknown``: the model's probabilities are not known.
+        """
+        if probabilities is None:
+            return "unknown"
+        if not controlled or self.token is None or not probabilities:
+            return "model"
+        own = max(probabilities, key=probabilities.__getitem__)
+        return "model" if own == self.token.key else "forced"
+
+    def to_json(
+        self, probabilities: dict[str, float] | None = None, source: str = "unknown"
+    ) -> dict[str, Any]:
         """The ``refusal_decision`` extension of a choice.
 
-        ``probabilities`` (control key -> p at the decision step, from vLLM's
-        logprobs) is included when the client asked for ``top_logprobs``.
+        ``probabilities``: control key -> the model's own p at the decision
+        step (softmax over the vocabulary, before bias or threshold), or null
+        when unknown; ``forced``: whether bias/threshold changed the token
+        (null when unknown).
         """
         t = self.token
-        out: dict[str, Any] = {
+        return {
             "token": t.text if t else None,
             "category": t.key if t and self.refused else None,
             "refused": self.refused,
+            "forced": None if source == "unknown" else source == "forced",
+            "probabilities": probabilities,
         }
-        if probabilities is not None:
-            out["probabilities"] = probabilities
-        return out
 
 
 class ControlText:

@@ -74,6 +74,32 @@ class GatewaySettings(BaseSettings):
     restart_backoff_s: float = Field(
         2.0, gt=0, description="First restart delay in seconds; doubles per restart, up to 60."
     )
+    retry_after_s: int = Field(
+        5,
+        ge=1,
+        description="Retry-After (seconds) of the 503 answers the launcher gives while vLLM "
+        "is starting or restarting.",
+    )
+    decision_report_wait_s: float = Field(
+        0.2,
+        ge=0,
+        description="How long a response may wait for the engine's decision report (the "
+        "model's own control-token probabilities) before it says 'unknown'.",
+    )
+    canary_interval_s: float = Field(
+        60.0,
+        ge=0,
+        description="Seconds between rounds of the over-refusal canary (the packaged canary "
+        "prompts, sent through the server with max_tokens 1); 0 turns it off.",
+    )
+    canary_file: Path | None = Field(
+        None,
+        description="JSONL canary prompts (prompt, label respond|refuse); default: the "
+        "packaged set.",
+    )
+    canary_profile: str | None = Field(
+        None, description="Refusal profile the canary requests use (default: the server's)."
+    )
 
     def model_dir(self) -> Path:
         """The model directory, building nothing (see the launcher for the demo)."""

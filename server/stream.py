@@ -28,7 +28,7 @@ class StreamRewriter:
         control: ControlText,
         n: int,
         copy_content: bool,
-        on_decision: Callable[[Decision], None],
+        on_decision: Callable[[Decision, dict[str, float] | None], dict[str, Any]],
         shape: TextShape = CHAT_DELTA,
     ):
         self._control = control
@@ -100,8 +100,9 @@ class StreamRewriter:
                 return
             del self._held[index]
             decision, visible = self._control.split(held)
-            self._on_decision(decision)
-            choice["refusal_decision"] = decision.to_json(self._probabilities.pop(index, None))
+            choice["refusal_decision"] = self._on_decision(
+                decision, self._probabilities.pop(index, None)
+            )
             if decision.refused:
                 self._refused.add(index)
             if decision.token is not None and held == decision.token.text:

@@ -143,3 +143,67 @@ def test_v2_decides_by_position_and_keys_state_by_slot(config):
     before = logits.clone()
     proc.apply(logits, ctx([0], [9], [10]))
     assert torch.equal(logits, before)
+
+
+class Receiver:
+    """The gateway's end of decision reports: an abstract datagram socket."""
+
+    def __init__(self):
+        import socket
+        import uuid
+
+        self.name = f"@test-reports/{uuid.uuid4().hex}"
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind("\0" + self.name[1:])
+        self.sock.settimeout(2)
+
+    def reports(self) -> dict[str, list[float]]:
+        import json
+
+        return dict(json.loads(self.sock.recv(65536))["reports"])
+
+
+def own_probabilities(row: torch.Tensor) -> list[float]:
+    return torch.softmax(row, dim=-1)[IDS].tolist()
+
+
+def test_v1_reports_the_models_own_probabilities_before_bias(config):
+    receiver = Receiver()
+    proc = RefusalLogitsProcessor(config, torch.device("cpu"), False)
+    report = {"refusal_report_to": receiver.name}
+    proc.update_state(update(3, added=[
+        (0, params(**{"refusal_bias.safety": 100.0, "refusal_report_id": "a"}, **report), [1], []),
+        (1, params(**{"refusal_decide": 1}), [1], []),  # no report asked
+        (2, params(**{"refusal_threshold.refuse": 0.0, "refusal_report_id": "c"}, **report), [1], []),
+    ]))
+    logits = torch.randn(3, VOCAB)
+    expected = {"a": own_probabilities(logits[0]), "c": own_probabilities(logits[2])}
+    proc.apply(logits)
+    got = receiver.reports()
+    assert got.keys() == expected.keys()
+    for rid, probs in expected.items():
+        assert got[rid] == pytest.approx(probs, rel=1e-5)
+    assert proc.table.reporter.sent == 2
+
+
+def test_v2_reports_by_slot(config):
+    receiver = Receiver()
+    proc = RefusalLogitsProcessorV2(config, v2_state([5, 3, 4]))
+    proc.add_request(2, params(refusal_decide=1, refusal_report_to=receiver.name, refusal_report_id="s2"))
+    proc.add_request(0, params(refusal_decide=1, refusal_report_to=receiver.name, refusal_report_id="s0"))
+    proc.apply_staged_writes()
+    logits = torch.randn(2, VOCAB)
+    expected = own_probabilities(logits[0])
+    # Row 0 holds slot 2 at its decision position; row 1 holds slot 0 mid-prompt.
+    proc.apply(logits, ctx([2, 0], [3, 2], [4, 3]))
+    got = receiver.reports()
+    assert list(got) == ["s2"] and got["s2"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_reports_to_nowhere_are_dropped_not_raised(config):
+    proc = RefusalLogitsProcessor(config, torch.device("cpu"), False)
+    proc.update_state(update(1, added=[
+        (0, params(refusal_decide=1, refusal_report_to="@nobody/listens", refusal_report_id="x"), [1], []),
+    ]))
+    proc.apply(torch.randn(1, VOCAB))
+    assert proc.table.reporter.dropped == 1

@@ -29,7 +29,14 @@ def test_split_reads_the_decision_and_hides_the_token(control):
     assert rest == "I can't help with that."
     assert decision.to_json() == {
         "token": "[Requests with safety concerns]", "category": "safety", "refused": True,
+        "forced": None, "probabilities": None,
     }
+    own = {"respond": 0.3, "safety": 0.6, "humanizing": 0.1}
+    assert decision.source(own, controlled=True) == "model"
+    assert decision.source({**own, "respond": 0.9}, controlled=True) == "forced"
+    assert decision.source({**own, "respond": 0.9}, controlled=False) == "model"
+    assert decision.source(None, controlled=True) == "unknown"
+    assert decision.to_json(own, "forced")["forced"] is True
     decision, rest = control.split("[respond] Paris. [respond]")
     assert not decision.refused and decision.key == "respond" and rest == "Paris. "
     decision, rest = control.split("No token here")

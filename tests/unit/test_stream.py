@@ -9,9 +9,17 @@ from refusal_gateway.stream import StreamRewriter
 from .helpers import categorical_manifest, chunk, parse_sse, sse
 
 
+def recorder(decisions: list[Decision]):
+    def record(decision: Decision, probabilities):
+        decisions.append(decision)
+        return decision.to_json(probabilities)
+
+    return record
+
+
 def run(body: bytes, n: int = 1, copy: bool = False, piece: int | None = None):
     decisions: list[Decision] = []
-    rewriter = StreamRewriter(ControlText(categorical_manifest()), n, copy, decisions.append)
+    rewriter = StreamRewriter(ControlText(categorical_manifest()), n, copy, recorder(decisions))
     step = piece or len(body)
     out = b"".join(rewriter.feed(body[i : i + step]) for i in range(0, len(body), step))
     out += rewriter.close()
@@ -43,7 +51,9 @@ def test_respond_token_split_across_chunks_never_leaks(piece):
     assert [d.key for d in decisions] == ["respond"]
     assert events[-1] == "[DONE]"
     decided = [c for e in events if isinstance(e, dict) for c in e["choices"] if "refusal_decision" in c]
-    assert decided[0]["refusal_decision"] == {"token": "[respond]", "category": None, "refused": False}
+    assert decided[0]["refusal_decision"] | {"forced": None, "probabilities": None} == {
+        "token": "[respond]", "category": None, "refused": False, "forced": None, "probabilities": None,
+    }
 
 
 @pytest.mark.parametrize("piece", [None, 3])
@@ -76,6 +86,6 @@ def test_stream_ending_before_a_token_completes_still_decides():
 def test_passthrough_after_all_choices_respond_keeps_bytes():
     tail = b'data: {"not": "parsed", "choices": [{"index": 0, "delta": {"content": "x"}}]}\n\n'
     decisions: list[Decision] = []
-    rewriter = StreamRewriter(ControlText(categorical_manifest()), 1, False, decisions.append)
+    rewriter = StreamRewriter(ControlText(categorical_manifest()), 1, False, recorder(decisions))
     rewriter.feed(sse(chunk(0, "[respond] hi")))
     assert rewriter.feed(tail) == tail
