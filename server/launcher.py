@@ -5,7 +5,10 @@ the demo model on first use), import-checks the layer and the processor (a
 wrong dotted path would otherwise fail only after the engine has loaded),
 starts vLLM's OpenAI server with ``--middleware`` and ``--logits-processors``,
 forwards every unrecognised argument to vLLM untouched, and restarts the
-server with back-off if it dies.
+server with back-off if it dies. It owns the listening socket (handed to each
+vLLM process), so clients get 503 + Retry-After rather than a refused
+connection while vLLM loads or restarts, and it runs the over-refusal canary
+against the server once it is healthy.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -24,7 +28,10 @@ from pathlib import Path
 
 from refusal_plugins.vocab import RefusalManifest
 
+from .canary import CANARY_SECRET_ENV, CanaryProber, load_canary_prompts
 from .settings import DEMO_MODEL, GatewaySettings
+from .standby import Standby, listening_socket
+from .vllm_entry import LISTEN_FD_ENV
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +41,8 @@ PROCESSORS = {
     "v2": "refusal_plugins.v2:RefusalLogitsProcessorV2",
 }
 VLLM_SERVER = "vllm.entrypoints.openai.api_server"
+#: vLLM's server, on the launcher's listening socket.
+ENTRY = "refusal_gateway.vllm_entry"
 MAX_BACKOFF_S = 60.0
 
 
@@ -75,7 +84,7 @@ def build_command(
     settings: GatewaySettings, model_dir: Path, runner: str, vllm_args: Sequence[str]
 ) -> list[str]:
     cmd = [
-        sys.executable, "-m", VLLM_SERVER,
+        sys.executable, "-m", ENTRY,
         "--model", str(model_dir),
         "--served-model-name", settings.model_name(),
         "--host", settings.host,
@@ -122,32 +131,63 @@ def wait_healthy(url: str, proc: subprocess.Popen, timeout_s: float = 900.0) -> 
     return False
 
 
+def make_canary(settings: GatewaySettings, url: str, secret: str) -> CanaryProber | None:
+    """The over-refusal canary of this replica, or None when turned off."""
+    if settings.canary_interval_s <= 0:
+        return None
+    rows = load_canary_prompts(settings.canary_file)
+    return CanaryProber(
+        url, settings.model_name(), secret, rows, settings.canary_interval_s,
+        profile=settings.canary_profile,
+    )  # fmt: skip
+
+
 def serve(
     settings: GatewaySettings,
     vllm_args: Sequence[str] = (),
     on_ready: Callable[[str], None] | None = None,
 ) -> int:
     """Run vLLM with the gateway layer until it is stopped; return its exit code."""
-    runner = resolve_runner(settings, dict(os.environ))
-    check_imports(runner)
-    model_dir = resolve_model(settings)
-    cmd = build_command(settings, model_dir, runner, vllm_args)
-    env = build_env(settings, model_dir, runner, dict(os.environ))
-    url = base_url(settings)
-    stopping = threading.Event()
-    procs: list[subprocess.Popen] = []
-
-    def stop(signum, _frame):
-        stopping.set()
-        if procs and procs[-1].poll() is None:
-            procs[-1].send_signal(signum)
-
-    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    sock = listening_socket(settings.host, settings.port)  # fails fast if the port is taken
+    standby = Standby(sock, settings.retry_after_s)
+    canary = None
     try:
-        return _supervise(settings, cmd, env, url, stopping, on_ready, procs.append)
+        standby.resume("The model server is starting; retry shortly.")
+        runner = resolve_runner(settings, dict(os.environ))
+        check_imports(runner)
+        model_dir = resolve_model(settings)
+        cmd = build_command(settings, model_dir, runner, vllm_args)
+        env = build_env(settings, model_dir, runner, dict(os.environ))
+        env[LISTEN_FD_ENV] = str(sock.fileno())
+        env[CANARY_SECRET_ENV] = secret = secrets.token_urlsafe(24)
+        url = base_url(settings)
+        canary = make_canary(settings, url, secret)
+        stopping = threading.Event()
+        procs: list[subprocess.Popen] = []
+
+        def stop(signum, _frame):
+            stopping.set()
+            if procs and procs[-1].poll() is None:
+                procs[-1].send_signal(signum)
+
+        def ready(url: str) -> None:
+            standby.pause()
+            if canary is not None:
+                canary.start()
+            if on_ready is not None:
+                on_ready(url)
+
+        previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            return _supervise(settings, cmd, env, url, stopping, ready, procs.append, standby)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        if canary is not None:
+            canary.stop()
+        standby.close()
+        sock.close()
 
 
 def _supervise(
@@ -156,28 +196,30 @@ def _supervise(
     env: dict[str, str],
     url: str,
     stopping: threading.Event,
-    on_ready: Callable[[str], None] | None,
+    on_ready: Callable[[str], None],
     started_proc: Callable[[subprocess.Popen], None],
+    standby: Standby,
 ) -> int:
     """Run ``cmd``; restart it with back-off while it keeps dying after having served."""
     restarts, backoff = 0, settings.restart_backoff_s
+    fds = (int(env[LISTEN_FD_ENV]),) if LISTEN_FD_ENV in env else ()
     while True:
         logger.info("starting vLLM: %s", " ".join(cmd))
         started = time.monotonic()
-        proc = subprocess.Popen(cmd, env=env)
+        proc = subprocess.Popen(cmd, env=env, pass_fds=fds)
         started_proc(proc)
         healthy = threading.Event()
 
         def watch(p: subprocess.Popen = proc, ready: threading.Event = healthy) -> None:
             if wait_healthy(url, p):
                 ready.set()
-                if on_ready is not None:
-                    on_ready(url)
+                on_ready(url)
 
         threading.Thread(target=watch, daemon=True).start()
         code = proc.wait()
         if stopping.is_set():
             return 0
+        standby.resume(f"The model server stopped (exit {code}) and is restarting; retry shortly.")
         if not healthy.is_set():
             # It never served: a configuration error, which a restart only repeats.
             logger.error("vLLM exited with %s before it became healthy; not restarting", code)

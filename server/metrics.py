@@ -24,7 +24,6 @@ NO_PROFILE = "none"
 SOURCES = ("model", "forced", "unknown")
 #: Canary labels: the prompt's expected behaviour and what happened.
 CANARY_EXPECTED = ("respond", "refuse")
-CANARY_OUTCOMES = ("respond", "refuse", "none")
 #: Buckets of the model's own refusal probability at the decision step.
 PROBABILITY_BUCKETS = (0.01, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
 
@@ -99,17 +98,18 @@ class BoundMetrics:
         self.refusal_probability = {
             p: metrics.refusal_probability.labels(model=model, profile=p) for p in names
         }
-        self.canary = {
-            (e, o): metrics.canary.labels(model=model, expected=e, outcome=o)
-            for e in CANARY_EXPECTED
-            for o in CANARY_OUTCOMES
-        }
         self.requests = {
             (c, p): metrics.requests.labels(model=model, controls=c, profile=p)
             for c in CONTROLS
             for p in names
         }
         self.rejected = {r: metrics.rejected.labels(model=model, reason=r) for r in REJECT_REASONS}
+        self._canary = metrics.canary
+        self._model = model
+
+    def canary(self, expected: str, outcome: str):
+        """A canary child, created on first use: the series exist only where a canary runs."""
+        return self._canary.labels(model=self._model, expected=expected, outcome=outcome)
 
 
 def get_metrics(registry: CollectorRegistry = REGISTRY) -> GatewayMetrics:

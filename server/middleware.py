@@ -27,6 +27,7 @@ from typing import Any
 from refusal_plugins.vocab import RefusalManifest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from .canary import CANARY_EXPECT_HEADER, CANARY_HEADER, CANARY_SECRET_ENV
 from .errors import GatewayError, bad_request, send_error
 from .metrics import CANARY_EXPECTED, NO_PROFILE, BoundMetrics, get_metrics, reason_for_status
 from .policy import ApiKey, Policy
@@ -63,12 +64,10 @@ ROUTES = {
 }
 #: Paths that stay open when API keys are configured (probes and scrapes).
 OPEN_PATHS = frozenset({"/health", "/ping", "/metrics", "/version"})
-#: The launcher's canary prober proves itself with this per-launch secret
-#: (header ``X-Refusal-Canary``) and names the prompt's expected behaviour in
-#: ``X-Refusal-Canary-Expect``; only such requests count as canary decisions.
-CANARY_SECRET_ENV = "REFUSAL_GATEWAY_CANARY_SECRET"
-CANARY_HEADER = b"x-refusal-canary"
-CANARY_EXPECT_HEADER = b"x-refusal-canary-expect"
+#: The launcher's canary prober proves itself with a per-launch secret and
+#: names the prompt's expected behaviour; only such requests are canaries.
+CANARY_SECRET = CANARY_HEADER.lower().encode()
+CANARY_EXPECT = CANARY_EXPECT_HEADER.lower().encode()
 
 
 @dataclass
@@ -144,10 +143,10 @@ class Gateway:
 
     def canary_expectation(self, scope: Scope) -> str | None:
         """The expected behaviour of a canary request, or None for any other request."""
-        given = _header(scope, CANARY_HEADER, lower=False)
+        given = _header(scope, CANARY_SECRET, lower=False)
         if not (self.canary_secret and given and hmac.compare_digest(given, self.canary_secret)):
             return None
-        expected = _header(scope, CANARY_EXPECT_HEADER).decode()
+        expected = _header(scope, CANARY_EXPECT).decode()
         return expected if expected in CANARY_EXPECTED else None
 
     async def learn(self, plan: RequestPlan, outcome: Outcome) -> None:
@@ -155,7 +154,7 @@ class Gateway:
         if plan.report_id is None:
             return
         outcome.probabilities = await self.inbox.take(plan.report_id)
-        if outcome.probabilities is not None:
+        if outcome.probabilities is not None and outcome.canary is None:
             p_refuse = sum(p for k, p in outcome.probabilities.items() if k != "respond")
             self.metrics.refusal_probability[plan.profile or NO_PROFILE].observe(p_refuse)
 
@@ -168,10 +167,11 @@ class Gateway:
         def record(decision: Decision, from_logprobs: dict[str, float] | None) -> dict[str, Any]:
             probabilities = outcome.probabilities or from_logprobs
             source = decision.source(probabilities, controlled)
-            counters[decision.key, profile, source].inc()
-            if outcome.canary is not None:
+            if outcome.canary is None:
+                counters[decision.key, profile, source].inc()
+            else:  # synthetic traffic: only in the canary series
                 result = "none" if decision.token is None else ("refuse" if decision.refused else "respond")
-                self.metrics.canary[outcome.canary, result].inc()
+                self.metrics.canary(outcome.canary, result).inc()
             log.decisions.append(decision.key)
             return decision.to_json(probabilities, source)
 
@@ -182,7 +182,7 @@ class Gateway:
 
     # -- request side --------------------------------------------------------
     def prepare(
-        self, raw: bytes, route: Route, key: ApiKey | None = None
+        self, raw: bytes, route: Route, key: ApiKey | None = None, canary: str | None = None
     ) -> tuple[bytes, RequestPlan]:
         try:
             body = json.loads(raw)
@@ -191,7 +191,8 @@ class Gateway:
         if not isinstance(body, dict):
             raise bad_request("request body must be a JSON object", code="invalid_json")
         plan = route.prepare(body, self.manifest, self.control, self.policy, key, self.inbox)
-        self.metrics.requests[plan.controls, plan.profile or NO_PROFILE].inc()
+        if canary is None:
+            self.metrics.requests[plan.controls, plan.profile or NO_PROFILE].inc()
         return json.dumps(body, ensure_ascii=False).encode(), plan
 
     # -- response side -------------------------------------------------------
@@ -258,7 +259,7 @@ class RefusalGatewayMiddleware:
         request_id = _header(scope, b"x-request-id", lower=False).decode() or uuid.uuid4().hex
         log = RequestLog(request_id, scope["path"], self.gateway.model_name)
         try:
-            body, plan = self.gateway.prepare(raw, route, key)
+            body, plan = self.gateway.prepare(raw, route, key, canary)
         except GatewayError as error:
             self.gateway.reject(error)
             log.status, log.error = error.status, error.code

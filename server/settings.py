@@ -87,7 +87,7 @@ class GatewaySettings(BaseSettings):
         "model's own control-token probabilities) before it says 'unknown'.",
     )
     canary_interval_s: float = Field(
-        60.0,
+        300.0,
         ge=0,
         description="Seconds between rounds of the over-refusal canary (the packaged canary "
         "prompts, sent through the server with max_tokens 1); 0 turns it off.",

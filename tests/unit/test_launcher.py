@@ -67,7 +67,7 @@ def test_a_model_without_manifest_is_refused_before_vllm_starts(tmp_path):
 
 FAKE_SERVER = textwrap.dedent(
     """
-    import http.server, sys, threading, time, pathlib
+    import http.server, os, socket, sys, threading, time, pathlib
     port, runs, serve_s = int(sys.argv[1]), pathlib.Path(sys.argv[2]), float(sys.argv[3])
     runs.write_text(runs.read_text() + "x" if runs.exists() else "x")
 
@@ -78,7 +78,9 @@ FAKE_SERVER = textwrap.dedent(
             pass
 
     if serve_s > 0:
-        server = http.server.HTTPServer(("127.0.0.1", port), Health)
+        # Serve on the launcher's socket, as refusal_gateway.vllm_entry makes vLLM do.
+        server = http.server.HTTPServer(("127.0.0.1", port), Health, bind_and_activate=False)
+        server.socket = socket.socket(fileno=int(os.environ["REFUSAL_GATEWAY_LISTEN_FD"]))
         threading.Thread(target=server.serve_forever, daemon=True).start()
         time.sleep(serve_s)
     sys.exit(3)
@@ -86,10 +88,10 @@ FAKE_SERVER = textwrap.dedent(
 )
 
 
-def supervise(monkeypatch, tmp_path: Path, serve_s: float, **settings) -> tuple[int, int]:
+def supervise(monkeypatch, tmp_path: Path, serve_s: float, port: int | None = None, **settings) -> tuple[int, int]:
     from tests.e2e.server import free_port
 
-    port = free_port()
+    port = port or free_port()
     script, runs = tmp_path / "fake.py", tmp_path / "runs"
     script.write_text(FAKE_SERVER)
     categorical_manifest().save(tmp_path)
@@ -97,10 +99,8 @@ def supervise(monkeypatch, tmp_path: Path, serve_s: float, **settings) -> tuple[
     monkeypatch.setattr(launcher, "check_imports", lambda runner: None)
     ready: list[str] = []
     started = time.monotonic()
-    code = launcher.serve(
-        GatewaySettings(model=str(tmp_path), port=port, restart_backoff_s=0.1, **settings),
-        on_ready=ready.append,
-    )
+    settings = {"restart_backoff_s": 0.1, "canary_interval_s": 0} | settings
+    code = launcher.serve(GatewaySettings(model=str(tmp_path), port=port, **settings), on_ready=ready.append)
     assert time.monotonic() - started < 60
     return code, len(runs.read_text())
 
@@ -113,3 +113,44 @@ def test_a_server_that_dies_after_serving_is_restarted_with_backoff(monkeypatch,
 def test_a_server_that_never_starts_is_not_restarted(monkeypatch, tmp_path):
     code, runs = supervise(monkeypatch, tmp_path, serve_s=0, max_restarts=5)
     assert (code, runs) == (3, 1)
+
+
+def test_clients_get_503_with_retry_after_while_the_server_is_down(monkeypatch, tmp_path):
+    import threading
+
+    import httpx
+
+    from tests.e2e.server import free_port
+
+    port = free_port()
+    seen: list[httpx.Response] = []
+    done = threading.Event()
+
+    def client() -> None:
+        while not done.is_set():
+            try:
+                seen.append(httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json={"x": 1}, timeout=5))
+            except httpx.TransportError:
+                pass
+            time.sleep(0.05)
+
+    threading.Thread(target=client, daemon=True).start()
+    try:
+        # Serves 2 s, dies, 1.5 s back-off, serves again, dies, gives up.
+        code, runs = supervise(monkeypatch, tmp_path, serve_s=2.0, port=port, max_restarts=1,
+                               restart_backoff_s=1.5, retry_after_s=7)
+    finally:
+        done.set()
+    assert (code, runs) == (3, 2)
+    statuses = [r.status_code for r in seen]
+    assert 501 in statuses  # the fake server answered (it has no POST handler)
+    down = [r for r in seen if r.status_code == 503]
+    assert down, statuses
+    # Down between the two runs too, not only before the first one.
+    first_up = statuses.index(501)
+    assert 503 in statuses[first_up:]
+    for response in down:
+        assert response.headers["retry-after"] == "7"
+        error = response.json()["error"]
+        assert set(error) == {"message", "type", "param", "code"}
+        assert error["code"] == "engine_unavailable"

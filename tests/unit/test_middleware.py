@@ -14,15 +14,15 @@ import openai
 import pytest
 import torch
 from prometheus_client import CollectorRegistry
-from refusal_gateway.middleware import CANARY_SECRET_ENV, Gateway, RefusalGatewayMiddleware
+from refusal_gateway.canary import CANARY_SECRET_ENV
+from refusal_gateway.middleware import Gateway, RefusalGatewayMiddleware
 from refusal_gateway.refusal import WORD_JOINER
 from refusal_gateway.settings import GatewaySettings
+from refusal_plugins.report import DecisionReporter
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
-
-from refusal_plugins.report import DecisionReporter
 
 from .helpers import categorical_manifest, chunk, sse
 
@@ -326,7 +326,7 @@ async def test_engine_report_says_whether_the_controls_forced_the_token(stream):
                 if (c.model_extra or {}).get("refusal_decision")][0]
 
     forced = await decide(refusal_bias={"safety": 5})
-    expected = dict(zip(["respond", "humanizing", "incomplete", "indeterminate", "safety", "unsupported"], OWN))
+    expected = dict(zip(["respond", "humanizing", "incomplete", "indeterminate", "safety", "unsupported"], OWN, strict=True))
     assert forced["forced"] is True and forced["probabilities"] == pytest.approx(expected)
     assert count(registry, "safety", sources=["forced"]) == 1
     # Without controls the same token is the model's own (sampled) choice.
@@ -387,6 +387,8 @@ async def test_canary_requests_need_the_launchers_secret(monkeypatch):
     forged = await http.post("/v1/chat/completions", json=chat,
                              headers={"X-Refusal-Canary": "guess", "X-Refusal-Canary-Expect": "respond"})
     assert forged.status_code == 401 and canary("refuse") == 1
+    # Canary traffic stays out of the production series.
+    assert count(registry, "safety", profile="balanced") == 0 and histogram(registry, "count", profile="balanced") == 0
     # Ordinary traffic with a key never counts as canary.
     await http.post("/v1/chat/completions", json=chat, headers={"Authorization": "Bearer key-admin"})
-    assert canary("refuse") == 1 and canary("respond") == 0
+    assert canary("refuse") == 1 and canary("respond") == 0 and count(registry, "safety", profile="balanced") == 1

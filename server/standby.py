@@ -1,0 +1,140 @@
+"""The launcher's listening socket, and the 503 answers given on it while vLLM is down.
+
+The launcher binds the public port once and hands the listening socket to
+every vLLM process it starts (:mod:`refusal_gateway.vllm_entry`), so the port
+never closes: while vLLM is loading, restarting after a crash or waiting out
+the back-off, :class:`Standby` accepts on the same socket and answers every
+request with 503 in OpenAI's error envelope and ``Retry-After``, instead of a
+refused connection. Once vLLM is healthy the standby stops accepting and
+vLLM's own server is the only one taking connections. Nothing here is on the
+request path of a healthy server.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import selectors
+import socket
+import threading
+
+logger = logging.getLogger(__name__)
+
+#: The standby lets a connection wait this long before taking it, so that a
+#: vLLM server that is already accepting (before the launcher has noticed it is
+#: healthy) gets it first.
+DEFER_S = 0.05
+#: How long the standby waits for a request's head before answering anyway.
+READ_TIMEOUT_S = 2.0
+MAX_HEAD_BYTES = 65536
+
+
+def listening_socket(host: str, port: int, backlog: int = 2048) -> socket.socket:
+    """Bind ``host:port`` for the launcher's lifetime; inheritable by vLLM."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(backlog)
+    sock.set_inheritable(True)
+    # Non-blocking for both owners (the flag is shared with vLLM's copy): an
+    # accept that vLLM won must not block the standby.
+    sock.setblocking(False)
+    return sock
+
+
+def unavailable_response(message: str, retry_after_s: int) -> bytes:
+    """A complete HTTP/1.1 503 with OpenAI's error envelope and Retry-After."""
+    body = json.dumps({
+        "error": {
+            "message": message,
+            "type": "service_unavailable_error",
+            "param": None,
+            "code": "engine_unavailable",
+        }
+    }).encode()
+    head = (
+        "HTTP/1.1 503 Service Unavailable\r\n"
+        "Content-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n"
+        f"Retry-After: {retry_after_s}\r\n"
+        "Connection: close\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+class Standby:
+    """Answers 503 on the shared listening socket while switched on."""
+
+    def __init__(self, sock: socket.socket, retry_after_s: int):
+        self._sock = sock
+        self._retry_after_s = retry_after_s
+        self._on = threading.Event()
+        self._closed = threading.Event()
+        self._lock = threading.Lock()
+        self._message = "The model server is starting; retry shortly."
+        self.answered = 0
+        self._thread = threading.Thread(target=self._run, name="standby-503", daemon=True)
+        self._thread.start()
+
+    def resume(self, message: str) -> None:
+        """Start answering 503 with ``message`` (vLLM is not serving)."""
+        with self._lock:
+            self._message = message
+        self._on.set()
+
+    def pause(self) -> None:
+        """Stop accepting: vLLM's server takes every connection from now on."""
+        self._on.clear()
+
+    def close(self) -> None:
+        self._closed.set()
+        self._on.set()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        with selectors.DefaultSelector() as selector:
+            selector.register(self._sock, selectors.EVENT_READ)
+            while not self._closed.is_set():
+                if not self._on.wait(timeout=0.5):
+                    continue
+                if self._closed.is_set():
+                    return
+                if not selector.select(timeout=0.2):
+                    continue
+                self._closed.wait(DEFER_S)
+                self._accept_pending()
+
+    def _accept_pending(self) -> None:
+        while self._on.is_set() and not self._closed.is_set():
+            try:
+                conn, _ = self._sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return  # nothing left, or vLLM (sharing the socket) took it
+            except OSError:
+                if not self._closed.is_set():
+                    logger.exception("standby accept failed")
+                return
+            with self._lock:
+                message = self._message
+            threading.Thread(target=self._answer, args=(conn, message), daemon=True).start()
+
+    def _answer(self, conn: socket.socket, message: str) -> None:
+        with conn:
+            try:
+                conn.setblocking(True)
+                conn.settimeout(READ_TIMEOUT_S)
+                head = b""
+                while b"\r\n\r\n" not in head and len(head) < MAX_HEAD_BYTES:
+                    data = conn.recv(4096)
+                    if not data:
+                        break
+                    head += data
+                conn.sendall(unavailable_response(message, self._retry_after_s))
+                conn.shutdown(socket.SHUT_WR)
+                self.answered += 1
+                # Drain what the client still sends (its body) so closing does not reset.
+                while conn.recv(65536):
+                    pass
+            except OSError:
+                pass
