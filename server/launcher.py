@@ -159,7 +159,10 @@ def serve(
         cmd = build_command(settings, model_dir, runner, vllm_args)
         env = build_env(settings, model_dir, runner, dict(os.environ))
         env[LISTEN_FD_ENV] = str(sock.fileno())
-        env[CANARY_SECRET_ENV] = secret = secrets.token_urlsafe(24)
+        # A secret given in the environment lets an external prober (a CronJob,
+        # a test) send canaries too; otherwise each launch makes its own.
+        secret = os.environ.get(CANARY_SECRET_ENV) or secrets.token_urlsafe(24)
+        env[CANARY_SECRET_ENV] = secret
         url = base_url(settings)
         canary = make_canary(settings, url, secret)
         stopping = threading.Event()

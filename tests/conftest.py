@@ -20,7 +20,17 @@ def shared_data() -> Path:
 
 @pytest.fixture(scope="session")
 def demo_model_dir() -> Path:
-    """The embedded demo model, built once (cached under REFUSAL_GATEWAY_CACHE_DIR)."""
+    """The embedded demo model, built once (cached under REFUSAL_GATEWAY_CACHE_DIR).
+
+    ``REFUSAL_GATEWAY_TEST_MODEL_DIR`` points the e2e tests at an already built
+    model instead (a development shortcut while the corpus is being edited).
+    """
+    import os
+
     from refusal_gateway.tools.demo_model import build_demo_model, demo_model_dir
+
+    given = os.environ.get("REFUSAL_GATEWAY_TEST_MODEL_DIR")
+    if given:
+        return Path(given)
 
     return build_demo_model(demo_model_dir())

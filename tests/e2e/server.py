@@ -15,6 +15,9 @@ import httpx
 from refusal_gateway.launcher import wait_healthy
 
 MODEL_NAME = "refusal-demo"
+#: The canary secret of every e2e server: tests send canary rounds themselves
+#: (the launcher's own timed prober is off, so it never adds traffic mid-test).
+CANARY_SECRET = "e2e-canary-secret"
 
 
 @dataclass(frozen=True)
@@ -23,6 +26,7 @@ class Server:
     model: str
     model_dir: Path
     log: Path
+    pid: int = 0  # the launcher's
 
     @property
     def api_url(self) -> str:
@@ -51,12 +55,15 @@ def running_server(
         sys.executable, "-m", "refusal_gateway.cli", "serve",
         "--model", str(model_dir), "--served-model-name", MODEL_NAME,
         "--port", str(port), "--dtype", "float32",
-        "--enforce-eager", "--max-model-len", "512", *args,
+        "--enforce-eager", "--max-model-len", "512", "--canary-interval-s", "0", *args,
     ]  # fmt: skip
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    full_env = {
+        **os.environ, "PYTHONUNBUFFERED": "1", "REFUSAL_GATEWAY_CANARY_SECRET": CANARY_SECRET,
+        **(env or {}),
+    }  # fmt: skip
     with log.open("w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=full_env)
-    server = Server(f"http://127.0.0.1:{port}", MODEL_NAME, model_dir, log)
+    server = Server(f"http://127.0.0.1:{port}", MODEL_NAME, model_dir, log, proc.pid)
     try:
         if not wait_healthy(server.base_url, proc, timeout_s):
             state = f"exited with {proc.returncode}" if proc.poll() is not None else "not healthy"

@@ -31,11 +31,12 @@ import openai
 import pytest
 import yaml
 from openai import OpenAI
+from refusal_gateway.canary import CanaryProber, load_canary_prompts
 
 from tests.deploy import observability as obs
 from tests.tools import skip_or_fail
 
-from .server import Server, free_port, stop_process
+from .server import CANARY_SECRET, Server, free_port, stop_process
 
 pytestmark = pytest.mark.e2e
 
@@ -182,6 +183,12 @@ def _send_traffic(server: Server) -> Sent:
         assert not any(d.content for d in deltas), "a refused stream leaked content"
         sent.categories["unsupported"] += 1
         sent.controls["bias"] += 1
+
+    # One canary round, as the launcher's prober sends it (its own series only).
+    result = CanaryProber(
+        server.base_url, server.model, CANARY_SECRET, load_canary_prompts(), interval_s=60
+    ).run_round()
+    assert result.failed == 0, result
 
     for _ in range(3):  # answered by the layer itself, never reaching vLLM
         with pytest.raises(openai.BadRequestError):

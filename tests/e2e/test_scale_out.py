@@ -26,13 +26,14 @@ def two_frontends(demo_model_dir, tmp_path_factory) -> Iterator[Server]:
 
 
 def decisions(server: Server) -> dict[str, float]:
+    """Decisions per category, summed over profiles and sources."""
     text = httpx.get(server.base_url + "/metrics", timeout=10).text
-    return {
-        s.labels["category"]: s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-        if s.name == "refusal_gateway_control_tokens_total" and s.labels.get("model") == server.model
-    }
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == "refusal_gateway_control_tokens_total" and s.labels.get("model") == server.model:
+                out[s.labels["category"]] = out.get(s.labels["category"], 0.0) + s.value
+    return out
 
 
 def test_counters_add_up_across_frontend_processes(two_frontends):

@@ -1,0 +1,72 @@
+"""Supervision, for real: the engine dies, clients get 503 + Retry-After, the server comes back.
+
+A server of its own (the session server must not die under other tests). The
+engine-core process is killed the way an OOM kill or a driver fault would; vLLM's
+API server then exits, the launcher answers on the port it owns while it
+restarts vLLM, and the same client gets answers again afterwards.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import httpx
+import psutil
+import pytest
+
+from .server import Server, running_server
+
+pytestmark = pytest.mark.e2e
+
+RETRY_AFTER_S = 3
+
+
+@pytest.fixture(scope="module")
+def restartable(demo_model_dir, tmp_path_factory) -> Iterator[Server]:
+    log = tmp_path_factory.mktemp("supervision") / "vllm.log"
+    args = ["--retry-after-s", str(RETRY_AFTER_S), "--restart-backoff-s", "2"]
+    with running_server(demo_model_dir, log, args) as s:
+        yield s
+
+
+def chat(server: Server) -> httpx.Response:
+    body = {"model": server.model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+    return httpx.post(server.api_url + "/chat/completions", json=body, timeout=30)
+
+
+def engine_cores(server: Server) -> list[psutil.Process]:
+    children = psutil.Process(server.pid).children(recursive=True)
+    return [p for p in children if "EngineCore" in " ".join([p.name(), *p.cmdline()])]
+
+
+def test_engine_death_gives_503_with_retry_after_then_recovers(restartable: Server) -> None:
+    assert chat(restartable).status_code == 200
+    cores = engine_cores(restartable)
+    assert cores, "no EngineCore process under the launcher"
+    for process in cores:
+        process.kill()
+    unavailable: list[httpx.Response] = []
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        try:
+            response = chat(restartable)
+        except httpx.TransportError:  # a connection vLLM accepted as it went down
+            time.sleep(0.2)
+            continue
+        if response.status_code == 503:
+            unavailable.append(response)
+        elif response.status_code == 200 and unavailable:
+            break
+        time.sleep(0.5)
+    else:
+        pytest.fail(f"no recovery after the engine died ({len(unavailable)} answers of 503)")
+    for response in unavailable:
+        assert response.headers["retry-after"] == str(RETRY_AFTER_S)
+        error = response.json()["error"]
+        assert set(error) == {"message", "type", "param", "code"}
+        assert error["code"] == "engine_unavailable"
+    health = httpx.get(restartable.base_url + "/health", timeout=10)
+    assert health.status_code == 200
+    log = restartable.log.read_text(errors="replace")
+    assert "restart 1" in log
