@@ -24,6 +24,7 @@ NO_PROFILE = "none"
 SOURCES = ("model", "forced", "unknown")
 #: Canary labels: the prompt's expected behaviour and what happened.
 CANARY_EXPECTED = ("respond", "refuse")
+CANARY_OUTCOMES = ("respond", "refuse", "none")
 #: Buckets of the model's own refusal probability at the decision step.
 PROBABILITY_BUCKETS = (0.01, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
 
@@ -104,12 +105,21 @@ class BoundMetrics:
             for p in names
         }
         self.rejected = {r: metrics.rejected.labels(model=model, reason=r) for r in REJECT_REASONS}
-        self._canary = metrics.canary
+        self._canary_counter = metrics.canary
         self._model = model
+        self._canary: dict[tuple[str, str], Counter] | None = None
 
     def canary(self, expected: str, outcome: str):
-        """A canary child, created on first use: the series exist only where a canary runs."""
-        return self._canary.labels(model=self._model, expected=expected, outcome=outcome)
+        """A canary child. The series appear (all at 0) with the first canary
+        request, so they exist exactly where a canary runs, and ratios of them
+        have data even for outcomes that have not happened yet."""
+        if self._canary is None:
+            self._canary = {
+                (e, o): self._canary_counter.labels(model=self._model, expected=e, outcome=o)
+                for e in CANARY_EXPECTED
+                for o in CANARY_OUTCOMES
+            }
+        return self._canary[expected, outcome]
 
 
 def get_metrics(registry: CollectorRegistry = REGISTRY) -> GatewayMetrics:

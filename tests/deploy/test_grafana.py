@@ -87,6 +87,19 @@ def test_queries_select_the_gateway_job(path: Path) -> None:
         assert f'job="{obs.JOB}"' in query.expr, query.name
 
 
+@pytest.mark.parametrize("path", obs.dashboard_files(), ids=lambda p: p.name)
+def test_panels_do_not_overlap(path: Path) -> None:
+    """Grafana silently pushes overlapping panels around; the layout in the file is the one meant."""
+    taken: dict[tuple[int, int], str] = {}
+    for panel in _dashboard(path)["panels"]:  # top level: rows are expanded (not collapsed)
+        grid = panel["gridPos"]
+        assert grid["x"] + grid["w"] <= 24, panel["title"]
+        for x in range(grid["x"], grid["x"] + grid["w"]):
+            for y in range(grid["y"], grid["y"] + grid["h"]):
+                assert (x, y) not in taken, f"{panel['title']!r} overlaps {taken[x, y]!r}"
+                taken[x, y] = panel["title"]
+
+
 def test_dashboard_links_point_at_existing_dashboards() -> None:
     uids = {_dashboard(p)["uid"] for p in obs.dashboard_files()}
     for path in obs.dashboard_files():

@@ -14,6 +14,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 from prometheus_client import CollectorRegistry
 
 from tests.tools import unless_available
@@ -53,6 +54,21 @@ def test_promtool_rule_unit_tests(path: Path) -> None:
     """Each alert fires on synthetic series that should trigger it, and stays quiet otherwise."""
     result = _promtool("test", "rules", path)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+@needs_promtool
+def test_promtool_parses_every_panel_query(tmp_path: Path) -> None:
+    """Every dashboard query parses in Prometheus (as a rule), with Grafana's variables filled in."""
+    queries = obs.all_panel_queries()
+    rules = [
+        {"record": f"panel_query_{i}", "expr": obs.substitute_grafana_vars(q.expr)}
+        for i, q in enumerate(queries)
+    ]
+    path = tmp_path / "panels.yml"
+    path.write_text(yaml.safe_dump({"groups": [{"name": "panels", "rules": rules}]}))
+    result = _promtool("check", "rules", path)
+    names = "\n".join(f"panel_query_{i}: {q.name}" for i, q in enumerate(queries))
+    assert result.returncode == 0, result.stdout + result.stderr + "\n" + names
 
 
 def test_rule_files_exist_and_are_loaded_by_the_config() -> None:
@@ -99,22 +115,59 @@ def test_recording_rules_used_are_defined() -> None:
     assert used <= defined, f"undefined recording rules: {sorted(used - defined)}"
 
 
-def test_gateway_series_used_exist_in_the_gateway() -> None:
-    """Every refusal_gateway_* series a rule or panel reads is one server/metrics.py exports."""
+#: The sample names Prometheus sees for each metric type of prometheus-client.
+_SAMPLE_SUFFIXES = {
+    "counter": ("_total", "_created"),
+    "gauge": ("",),
+    "histogram": ("_bucket", "_sum", "_count", "_created"),
+    "summary": ("", "_sum", "_count", "_created"),
+}
+#: Labels Prometheus adds to every scraped series.
+_TARGET_LABELS = {"job", "instance"}
+
+
+def _exported_series() -> dict[str, set[str]]:
+    """``{sample name: label names}`` of every series server/metrics.py exports."""
+    from prometheus_client.metrics import MetricWrapperBase
     from refusal_gateway.metrics import get_metrics
 
-    registry = CollectorRegistry()
-    get_metrics(registry)
-    exported = {
-        sample_name
-        for family in registry.collect()
-        for sample_name in (family.name + "_total", family.name + "_created", family.name)
-    }
-    used = set()
-    for expr in [r["expr"] for r in obs.all_rules()] + [q.expr for q in obs.all_panel_queries()]:
-        used |= set(re.findall(r"\b(refusal_gateway_[a-z0-9_]+)", expr))
+    metrics = get_metrics(CollectorRegistry())
+    exported: dict[str, set[str]] = {}
+    for collector in vars(metrics).values():
+        if not isinstance(collector, MetricWrapperBase):
+            continue
+        labels = set(collector._labelnames) | _TARGET_LABELS
+        for suffix in _SAMPLE_SUFFIXES[collector._type]:
+            exported[collector._name + suffix] = labels | ({"le"} if suffix == "_bucket" else set())
+    return exported
+
+
+def _used_series() -> list[tuple[str, str, str]]:
+    """``(expr, series name, selector body)`` for each refusal_gateway_* series read."""
+    exprs = [r["expr"] for r in obs.all_rules()] + [q.expr for q in obs.all_panel_queries()]
+    return [
+        (expr, match[1], match[2] or "")
+        for expr in exprs
+        for match in re.finditer(r"\b(refusal_gateway_[a-z0-9_]+)(?:\{([^}]*)\})?", expr)
+    ]
+
+
+def test_gateway_series_used_exist_in_the_gateway() -> None:
+    """Every refusal_gateway_* series a rule or panel reads is one server/metrics.py exports."""
+    exported = _exported_series()
+    used = {name for _, name, _ in _used_series()}
     assert used, "no gateway series referenced at all"
-    assert used <= exported, f"not exported by refusal_gateway.metrics: {sorted(used - exported)}"
+    assert used <= set(exported), (
+        f"not exported by refusal_gateway.metrics: {sorted(used - set(exported))}"
+    )
+
+
+def test_gateway_series_are_selected_by_labels_they_have() -> None:
+    """A matcher on a label the series lacks selects nothing (or everything, with !=)."""
+    exported = _exported_series()
+    for expr, name, selector in _used_series():
+        for label in re.findall(r"(\w+)\s*(?:=~|!~|!=|=)", selector):
+            assert label in exported.get(name, set()), f"{name} has no label {label!r}: {expr}"
 
 
 def _anchor(heading: str) -> str:
