@@ -79,14 +79,28 @@ def processor_cost(model: str, batch: int, vocab: int, repeats: int = 200) -> di
         model_config=SimpleNamespace(model=model, tokenizer=model),
         scheduler_config=SimpleNamespace(max_num_seqs=batch),
     )
-    params = SamplingParams(extra_args={"refusal_bias.safety": 2.0, "refusal_threshold.refuse": 0.5,
-                                        "refusal_decide": 1})
+    settings = {"refusal_bias.safety": 2.0, "refusal_threshold.refuse": 0.5, "refusal_decide": 1}
     logits = torch.randn(batch, vocab)
+    # A receiver like the gateway's, drained by a thread, for the decision reports.
+    import socket
+    import threading
+    import uuid
 
-    def timed(decision_step: bool) -> float:
+    name = f"@bench/{uuid.uuid4().hex}"
+    receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    receiver.bind("\0" + name[1:])
+    threading.Thread(target=lambda: [receiver.recv(1 << 20) for _ in iter(int, 1)], daemon=True).start()
+
+    def timed(decision_step: bool, report: bool = False) -> float:
         proc = RefusalLogitsProcessor(config, torch.device("cpu"), False)
         outputs = [[] if decision_step else [1] for _ in range(batch)]
-        proc.update_state(BatchUpdate(batch, [], [(i, params, None, outputs[i]) for i in range(batch)], []))
+        extra = settings | ({"refusal_report_to": name} if report else {})
+        added = [
+            (i, SamplingParams(extra_args=extra | ({"refusal_report_id": str(i)} if report else {})),
+             None, outputs[i])
+            for i in range(batch)
+        ]  # fmt: skip
+        proc.update_state(BatchUpdate(batch, [], added, []))
         work = logits.clone()
         started = time.perf_counter()
         for _ in range(repeats):
@@ -94,7 +108,11 @@ def processor_cost(model: str, batch: int, vocab: int, repeats: int = 200) -> di
             proc.apply(work)
         return (time.perf_counter() - started) / repeats * 1e6
 
-    return {"decode_us": round(timed(False), 1), "decision_us": round(timed(True), 1)}
+    return {
+        "decode_us": round(timed(False), 1),
+        "decision_us": round(timed(True), 1),
+        "decision_with_report_us": round(timed(True, report=True), 1),
+    }
 
 
 def main() -> None:
@@ -126,6 +144,7 @@ def main() -> None:
             "plain_a_vs_b": round(statistics.median(plain_b[b]) / statistics.median(plain_a[b]), 4),
             "processor_decode_us": cost["decode_us"],
             "processor_decision_us": cost["decision_us"],
+            "processor_decision_with_report_us": cost["decision_with_report_us"],
             "processor_share_of_plain_step": round(cost["decode_us"] / (plain * 1e6), 5),
         }
     print(json.dumps(report, indent=2))
