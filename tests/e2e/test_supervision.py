@@ -40,8 +40,19 @@ def engine_cores(server: Server) -> list[psutil.Process]:
     return [p for p in children if "EngineCore" in " ".join([p.name(), *p.cmdline()])]
 
 
+def launcher_knows_it_is_healthy(server: Server, timeout_s: float = 60) -> bool:
+    """The launcher restarts only a server it has seen healthy: wait for its banner."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if "refusal-gateway is serving" in server.log.read_text(errors="replace"):
+            return True
+        time.sleep(0.5)
+    return False
+
+
 def test_engine_death_gives_503_with_retry_after_then_recovers(restartable: Server) -> None:
     assert chat(restartable).status_code == 200
+    assert launcher_knows_it_is_healthy(restartable)
     cores = engine_cores(restartable)
     assert cores, "no EngineCore process under the launcher"
     for process in cores:
