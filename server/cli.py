@@ -1,4 +1,4 @@
-"""The ``refusal-gateway`` command: ``serve``, ``build-demo``, ``score``, ``train``, ``recipe``.
+"""The ``refusal-gateway`` command: ``serve``, ``build-demo``, ``score``, ``calibrate``, ``train``, ``recipe``.
 
 Heavy imports (torch, transformers, vLLM) happen inside the subcommands, so
 ``refusal-gateway --help`` is instant.
@@ -65,6 +65,35 @@ def _score(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
+def _calibrate(args: argparse.Namespace, extra: list[str]) -> int:
+    import json
+
+    from .tools.calibrate import calibrate
+    from .tools.scoring import read_jsonl
+
+    settings = settings_from_args(args)
+    model_dir = settings.model_dir()
+    if settings.model == "demo":
+        from .tools.demo_model import build_demo_model
+
+        model_dir = build_demo_model(model_dir)
+    try:
+        result = calibrate(
+            model_dir,
+            read_jsonl(args.data),
+            args.out,
+            target=args.target_over_refusal,
+            per_category=args.per_category,
+            profile=args.profile_name,
+            plots=not args.no_plots,
+        )
+    except ValueError as e:
+        raise SystemExit(f"calibrate: {e}") from None
+    print(json.dumps(result, indent=2))
+    print(f"\nserve with: refusal-gateway serve --model {model_dir} --policy-file {result['policy_file']}")
+    return 0
+
+
 def _train(args: argparse.Namespace, extra: list[str]) -> int:
     from .tools.train import options_from_args, train_refusal_model
 
@@ -106,6 +135,20 @@ def parser() -> argparse.ArgumentParser:
     add_settings_arguments(score)
     score.add_argument("data", nargs="+", help="JSONL files with prompt, label, category")
     score.set_defaults(func=_score)
+    from .tools.calibrate import add_arguments as add_calibrate_arguments
+
+    calibrate = sub.add_parser(
+        "calibrate",
+        help="fit refusal thresholds on labelled prompts; writes a policy file and plots",
+        description="Score labelled prompts (refuse/respond) with the model and pick the "
+        "paper's refusal thresholds: the highest refusal rate within --target-over-refusal, "
+        "or the best refusal rate minus over-refusal. Writes calibration.json, policy.yaml "
+        "(a default profile for `serve --policy-file`) and roc.png / rates.png. "
+        "See refusal_gateway.tools.calibrate.",
+    )
+    add_settings_arguments(calibrate)
+    add_calibrate_arguments(calibrate)
+    calibrate.set_defaults(func=_calibrate)
     from .tools.train import add_arguments as add_train_arguments
 
     train = sub.add_parser(

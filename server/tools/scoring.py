@@ -77,7 +77,9 @@ def control_probabilities(model_dir: Path, prompts: Sequence[str], batch_size: i
                 for p in prompts[start : start + batch_size]
             ]
             batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-            logits = model(**batch).logits[:, -1, :].float()
+            # Only the decision position's logits: the full [batch, length, vocab]
+            # tensor would be most of the time and memory at a 49k vocabulary.
+            logits = model(**batch, logits_to_keep=1).logits[:, -1, :].float()
             out.append(torch.softmax(logits, dim=-1)[:, ids].numpy())
     return np.concatenate(out)
 
@@ -86,6 +88,11 @@ def evaluate(model_dir: Path, rows: Sequence[Labelled]) -> dict:
     """AUROC of p(refuse) and category accuracy on ``rows`` (keys in manifest order)."""
     manifest = RefusalManifest.load(model_dir)
     probs = control_probabilities(model_dir, [r.prompt for r in rows])
+    return evaluate_probabilities(manifest, probs, rows)
+
+
+def evaluate_probabilities(manifest: RefusalManifest, probs: np.ndarray, rows: Sequence[Labelled]) -> dict:
+    """:func:`evaluate` on probabilities already computed (``[N, K]``, manifest order)."""
     p_refuse = probs[:, 1:].sum(axis=1)
     should_refuse = np.array([r.label == "refuse" for r in rows])
     keys = [t.key for t in manifest.tokens]

@@ -23,8 +23,11 @@ path: this module's two steps, then ``train --lora`` and ``score``.
    responses (CoCoNot pref, self-instruct seed) are all trained on. A training
    row whose prompt also appears in an evaluation file (held-out original,
    contrast, benign set), compared after case and whitespace folding, is
-   dropped. Every file goes into the work directory, never into the
-   repository; the contrast and benign sets are only ever evaluated on.
+   dropped. The recipe then moves half of the held-out original rows and half
+   of the contrast rows (seeded, stratified) into ``calibration.jsonl``, for
+   fitting thresholds (:mod:`.calibrate`); figures come from the rest. Every
+   file goes into the work directory, never into the repository; the
+   contrast and benign sets are never trained on.
 """
 
 from __future__ import annotations
@@ -185,8 +188,10 @@ def convert_smollm2(cache_dir: Path | None = None, force: bool = False) -> Path:
             "seconds": round(time.monotonic() - started, 1),
         }
         (tmp / CONVERT_INFO).write_text(json.dumps(info, indent=2) + "\n")
+        if (out / CONVERT_INFO).is_file() and not force:
+            return out  # another process finished first; ours is removed below
         if out.exists():
-            shutil.rmtree(out)
+            shutil.rmtree(out)  # an incomplete leftover
         tmp.rename(out)  # atomic: a directory with convert_info.json is complete
     except OSError:
         if (out / CONVERT_INFO).is_file():  # another process finished first
@@ -229,6 +234,7 @@ class Split:
     contrast: Path
     benign: Path | None
     info: dict
+    calibration: Path | None = None  # held-out original + contrast rows for `calibrate`
 
 
 def _fold(prompt: str) -> str:
@@ -281,11 +287,15 @@ def split_data(
     heldout_fraction: float = 0.5,
     max_train_rows: int | None = None,
     max_eval_rows: int | None = None,
+    calibration_fraction: float = 0.0,
 ) -> Split:
     """Write ``train.jsonl`` and the evaluation files into ``work_dir`` (see the module doc).
 
     The split is a pure function of the rows and ``seed``, so the held-out
-    files are the same on every machine. ``max_*_rows`` subsample (per file,
+    files are the same on every machine. ``calibration_fraction`` moves that
+    share of the held-out original rows and of the contrast rows (seeded,
+    stratified) into ``calibration.jsonl``, for fitting thresholds; the
+    training rows do not depend on it. ``max_*_rows`` subsample (per file,
     stratified) for quick checks only; figures are comparable at the default.
     """
     refuse = load_rows([files.refuse])
@@ -298,6 +308,12 @@ def split_data(
     evaluated = {_fold(r.prompt) for r in [*heldout_all, *contrast_all, *benign_all]}
     heldout = sample_rows(heldout_all, max_eval_rows, seed)
     contrast = sample_rows(contrast_all, max_eval_rows, seed)
+    calibration: list[Row] = []
+    if calibration_fraction > 0:
+        # Its own seed stream: the held-out/train cut above stays as it was.
+        heldout, cal_refuse = split_holdout(heldout, calibration_fraction, seed + 1)
+        contrast, cal_respond = split_holdout(contrast, calibration_fraction, seed + 1)
+        calibration = [*cal_refuse, *cal_respond]
     benign = sample_rows(benign_all, max_eval_rows, seed)
 
     respond = [r for r in load_rows(files.respond) if r.label == "respond"]
@@ -315,12 +331,15 @@ def split_data(
         "heldout": work_dir / "heldout_original.jsonl",
         "contrast": work_dir / "contrast.jsonl",
         "benign": work_dir / "benign.jsonl" if files.benign else None,
+        "calibration": work_dir / "calibration.jsonl" if calibration else None,
     }
     write_rows(train, paths["train"])
     write_holdout(heldout, paths["heldout"])
     write_holdout(contrast, paths["contrast"])
     if paths["benign"] is not None:
         write_holdout(benign, paths["benign"])
+    if paths["calibration"] is not None:
+        write_holdout(calibration, paths["calibration"])
 
     def by_category(rows: Sequence[Row]) -> dict[str, int]:
         counts: dict[str, int] = {}
@@ -340,10 +359,14 @@ def split_data(
         "heldout_original": by_category(heldout),
         "contrast": len(contrast),
         "benign": len(benign),
+        "calibration_fraction": calibration_fraction,
+        "calibration": by_category(calibration),
         "respond_without_response": len(respond) - len(with_response),
         "dropped_as_evaluation_prompts": dropped,
         "max_train_rows": max_train_rows,
         "max_eval_rows": max_eval_rows,
     }
     (work_dir / "split_info.json").write_text(json.dumps(info, indent=2) + "\n")
-    return Split(paths["train"], paths["heldout"], paths["contrast"], paths["benign"], info)
+    return Split(
+        paths["train"], paths["heldout"], paths["contrast"], paths["benign"], info, paths["calibration"]
+    )

@@ -8,9 +8,12 @@ conversion and the split are documented there):
 1. convert the base model (cached), 2. split the data into ``<out>/data``,
 3. ``refusal-gateway train --lora`` into ``<out>/model`` (resumed from its
 checkpoints after an interruption; skipped when a finished model was trained
-with the same options and data), 4. ``refusal-gateway score`` of that model and
-of the embedded demo model on the same held-out files, written to
-``<out>/report.json`` and ``<out>/report.md``.
+with the same options and data), 4. ``refusal-gateway calibrate`` of that model
+and of the embedded demo model on the calibration rows (thresholds for at most
+``--target-over-refusal`` on benign look-alikes, into
+``<out>/calibration/<model>/policy.yaml``), 5. scores of both models on the
+same held-out files, with their own argmax and with the calibrated thresholds,
+written to ``<out>/report.json`` and ``<out>/report.md``.
 
 The defaults are sized for a 2-core CPU (about half an hour of training, see
 README.md); on a GPU raise ``--steps``.
@@ -49,6 +52,8 @@ class RecipeOptions:
     seed: int = 0
     split_seed: int = 0
     heldout_fraction: float = 0.5
+    calibration_fraction: float = 0.5  # of the held-out original and contrast rows
+    target_over_refusal: float | None = 0.1  # None: maximise refusal rate - over-refusal
     max_train_rows: int | None = None
     max_eval_rows: int | None = None
     cache_dir: Path | None = None
@@ -101,20 +106,59 @@ def train_model(options: RecipeOptions, base: Path, train_file: Path) -> tuple[P
     return out, info
 
 
-def score_model(model_dir: Path, split: Split) -> dict:
-    """The scoring figures on the held-out original + contrast rows (and the benign set)."""
-    from .scoring import evaluate, read_jsonl
+def score_model(model_dir: Path, split: Split, thresholds: dict[str, float] | None = None) -> dict:
+    """The scoring figures on the held-out original + contrast rows (and the benign set).
+
+    With ``thresholds`` (from :func:`.calibrate.calibrate`), ``calibrated``
+    holds the same rates under the threshold rule.
+    """
+    from refusal_plugins.vocab import RefusalManifest
+
+    from .calibrate import Scores, decisions, figures
+    from .scoring import control_probabilities, evaluate_probabilities, read_jsonl
 
     started = time.monotonic()
-    report = evaluate(model_dir, read_jsonl([split.heldout, split.contrast]))
-    if split.benign is not None:
-        with warnings.catch_warnings():  # no refuse rows: their means are empty
+    manifest = RefusalManifest.load(model_dir)
+    keys = [t.key for t in manifest.tokens]
+
+    def scored(paths: list[Path]) -> tuple[dict, dict | None]:
+        rows = read_jsonl(paths)
+        probs = control_probabilities(model_dir, [r.prompt for r in rows])
+        with warnings.catch_warnings():  # a file without refuse rows: their means are empty
             warnings.simplefilter("ignore", RuntimeWarning)
-            benign = evaluate(model_dir, read_jsonl([split.benign]))
-        report["over_refusal_on_benign"] = benign["over_refusal_on_respond"]
-        report["n_benign"] = benign["n"]
+            plain = evaluate_probabilities(manifest, probs, rows)
+            ruled = figures(Scores.of(keys, probs, rows), decisions(Scores.of(keys, probs, rows), thresholds))
+        return plain, ruled if thresholds else None
+
+    report, ruled = scored([split.heldout, split.contrast])
+    benign = scored([split.benign]) if split.benign is not None else None
+    if benign is not None:
+        report["over_refusal_on_benign"] = benign[0]["over_refusal_on_respond"]
+        report["n_benign"] = benign[0]["n"]
+    if ruled is not None:
+        report["calibrated"] = {
+            "thresholds": thresholds,
+            **ruled,
+            "over_refusal_on_benign": benign[1]["over_refusal_on_respond"] if benign else None,
+        }
     report["seconds"] = round(time.monotonic() - started, 1)
     return {"model": str(model_dir), **report}
+
+
+def calibrate_model(options: RecipeOptions, name: str, model_dir: Path, split: Split) -> dict | None:
+    """Thresholds of ``model_dir`` from the calibration rows (None when the split has none)."""
+    from .calibrate import calibrate
+    from .scoring import read_jsonl
+
+    if split.calibration is None:
+        return None
+    result = calibrate(
+        model_dir,
+        read_jsonl([split.calibration]),
+        options.out / "calibration" / name,
+        target=options.target_over_refusal,
+    )
+    return result["thresholds"]
 
 
 def _figure(value: float | None) -> str:
@@ -124,22 +168,38 @@ def _figure(value: float | None) -> str:
 def report_markdown(report: dict) -> str:
     """The figures as a Markdown table (the README's columns)."""
     lines = [
-        "| model | AUROC of p(refuse) | refusal rate on held-out original | over-refusal on "
-        "contrast | over-refusal on self-instruct | category accuracy (refused prompts) |",
-        "|---|---|---|---|---|---|",
+        "| model | decision | AUROC of p(refuse) | refusal rate on held-out original | over-refusal "
+        "on contrast | over-refusal on self-instruct | category accuracy (refused prompts) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, s in report["scores"].items():
         lines.append(
-            f"| {name} | {_figure(s['auroc'])} | {_figure(s['refusal_rate_on_refuse'])} "
+            f"| {name} | argmax | {_figure(s['auroc'])} | {_figure(s['refusal_rate_on_refuse'])} "
             f"| {_figure(s['over_refusal_on_respond'])} | {_figure(s.get('over_refusal_on_benign'))} "
             f"| {_figure(s['category_accuracy_refused'])} |"
         )
+        c = s.get("calibrated")
+        if c:
+            lines.append(
+                f"| {name} | thresholds {_thresholds(c['thresholds'])} | | "
+                f"{_figure(c['refusal_rate_on_refuse'])} | {_figure(c['over_refusal_on_respond'])} "
+                f"| {_figure(c.get('over_refusal_on_benign'))} "
+                f"| {_figure(c['category_accuracy_of_refusals'])} |"
+            )
     split = report["split"]
+    calibration = split.get("calibration") or {}
     return "\n".join(lines) + (
         f"\n\nHeld-out original: {sum(split['heldout_original'].values())} prompts; contrast: "
-        f"{split['contrast']}; self-instruct user-oriented: {split['benign']} (split seed "
-        f"{split['seed']}, held-out fraction {split['heldout_fraction']}).\n"
+        f"{split['contrast']}; self-instruct user-oriented: {split['benign']}; calibration: "
+        f"{sum(calibration.values())} (split seed {split['seed']}, held-out fraction "
+        f"{split['heldout_fraction']}, calibration fraction {split.get('calibration_fraction', 0)}, "
+        f"target over-refusal {report['recipe'].get('target_over_refusal')}). Category accuracy: "
+        "most likely refusal category (argmax rows) or the refusal emitted (threshold rows).\n"
     )
+
+
+def _thresholds(thresholds: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.3g}" for k, v in thresholds.items())
 
 
 def run_recipe(options: RecipeOptions) -> dict:
@@ -155,18 +215,24 @@ def run_recipe(options: RecipeOptions) -> dict:
         options.heldout_fraction,
         options.max_train_rows,
         options.max_eval_rows,
+        options.calibration_fraction,
     )
     mark = time.monotonic()
     model_dir, info = train_model(options, base, split.train)
     timings["train_s"] = round(time.monotonic() - mark, 1)
     timings["train_run_s"] = info["seconds"]
     timings["s_per_step"] = round(info["seconds"] / max(1, len(info["losses"])), 2)
-    scores = {"smollm2-135m-refusal": score_model(model_dir, split)}
+    models = {"smollm2-135m-refusal": model_dir}
     if options.compare_demo:
         from .demo_model import build_demo_model, demo_model_dir
 
-        demo = options.demo_model or build_demo_model(demo_model_dir(options.cache_dir))
-        scores["demo"] = score_model(demo, split)
+        models["demo"] = options.demo_model or build_demo_model(demo_model_dir(options.cache_dir))
+    mark = time.monotonic()
+    scores = {
+        name: score_model(path, split, calibrate_model(options, name, path, split))
+        for name, path in models.items()
+    }
+    timings["calibrate_and_score_s"] = round(time.monotonic() - mark, 1)
     timings["total_s"] = round(time.monotonic() - started, 1)
     report = {
         "base": str(base),
@@ -218,6 +284,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=d.seed, help="training seed")
     parser.add_argument("--split-seed", type=int, default=d.split_seed)
     parser.add_argument("--heldout-fraction", type=float, default=d.heldout_fraction)
+    parser.add_argument(
+        "--calibration-fraction",
+        type=float,
+        default=d.calibration_fraction,
+        help="share of the held-out original and contrast rows used to fit thresholds (0: none)",
+    )
+    parser.add_argument(
+        "--target-over-refusal",
+        type=float,
+        default=d.target_over_refusal,
+        help="calibrate for at most this over-refusal on the calibration look-alikes "
+        "(negative: maximise refusal rate - over-refusal instead)",
+    )
     parser.add_argument("--max-train-rows", type=int, help="subsample training rows (quick runs)")
     parser.add_argument(
         "--max-eval-rows", type=int, help="subsample each evaluation file (quick runs)"
@@ -259,6 +338,8 @@ def options_from_args(args: argparse.Namespace) -> RecipeOptions:
         seed=args.seed,
         split_seed=args.split_seed,
         heldout_fraction=args.heldout_fraction,
+        calibration_fraction=args.calibration_fraction,
+        target_over_refusal=args.target_over_refusal if args.target_over_refusal >= 0 else None,
         max_train_rows=args.max_train_rows,
         max_eval_rows=args.max_eval_rows,
         cache_dir=args.cache_dir,

@@ -128,6 +128,24 @@ def test_evaluation_prompts_are_never_trained_on(files, tmp_path):
     assert len(read(split.contrast)) == 6 and len(read(split.benign)) == 3
 
 
+def test_calibration_rows_come_from_the_held_out_sets_only(files, tmp_path):
+    plain = split_data(files, tmp_path / "plain", seed=0)
+    split = split_data(files, tmp_path / "cal", seed=0, calibration_fraction=0.5)
+    assert plain.calibration is None and split.calibration is not None
+    # Training rows do not depend on calibration; calibration + test = the old held-out files.
+    assert split.train.read_bytes() == plain.train.read_bytes()
+    cal = read(split.calibration)
+    ids = {r["id"] for r in cal}
+    assert ids.isdisjoint({r["id"] for r in read(split.heldout)})
+    assert ids.isdisjoint({r["id"] for r in read(split.contrast)})
+    assert ids.isdisjoint({r["id"] for r in read(split.train)})
+    for old, new in ((plain.heldout, split.heldout), (plain.contrast, split.contrast)):
+        assert {r["id"] for r in read(old)} == {r["id"] for r in read(new)} | (ids & {r["id"] for r in read(old)})
+    assert {r["label"] for r in cal} == {"refuse", "respond"}
+    assert read(split.benign) == read(plain.benign)  # the plain benign set stays whole
+    assert sum(split.info["calibration"].values()) == len(cal)
+
+
 def test_split_is_seeded(files, tmp_path):
     a = split_data(files, tmp_path / "a", seed=0)
     b = split_data(files, tmp_path / "b", seed=0)
@@ -195,6 +213,13 @@ def test_recipe_flags(tmp_path, files):
     )
     options = options_from_args(args)
     assert options.files == files and options.steps == 3 and options.heldout_fraction == 0.5
+    assert options.calibration_fraction == 0.5 and options.target_over_refusal == 0.1
+    args = parser().parse_args(
+        ["recipe", "smollm2", "--data-dir", str(root), "--out", str(tmp_path / "o"),
+         "--target-over-refusal", "-1", "--calibration-fraction", "0"]
+    )  # fmt: skip
+    options = options_from_args(args)
+    assert options.target_over_refusal is None and options.calibration_fraction == 0
     args = parser().parse_args(["recipe", "smollm2", "--out", str(tmp_path / "o")])
     with pytest.raises(SystemExit):
         options_from_args(args)
@@ -214,8 +239,20 @@ def test_report_table_has_one_row_per_model():
     }
     split = {"heldout_original": {"refuse:safety": 3}, "contrast": 4, "benign": 0,
              "seed": 0, "heldout_fraction": 0.5}  # fmt: skip
-    table = report_markdown({"scores": {"a": scores, "demo": scores}, "split": split})
+    calibrated = {
+        **scores,
+        "calibrated": {
+            "thresholds": {"refuse": 0.0123},
+            "refusal_rate_on_refuse": 0.5,
+            "over_refusal_on_respond": 0.05,
+            "over_refusal_on_benign": 0.0,
+            "category_accuracy_of_refusals": 0.7,
+        },
+    }
+    report = {"scores": {"a": calibrated, "demo": scores}, "split": split, "recipe": {"target_over_refusal": 0.1}}
+    table = report_markdown(report)
     rows = [line for line in table.splitlines() if line.startswith("| a") or "| demo" in line]
-    assert len(rows) == 2
-    assert "| 0.91 | 0.80 | 0.10 | – | – |" in rows[0]
-    assert "Held-out original: 3 prompts" in table
+    assert len(rows) == 3
+    assert "| argmax | 0.91 | 0.80 | 0.10 | – | – |" in rows[0]
+    assert "| thresholds refuse 0.0123 | | 0.50 | 0.05 | 0.00 | 0.70 |" in rows[1]
+    assert "Held-out original: 3 prompts" in table and "target over-refusal 0.1" in table
