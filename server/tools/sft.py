@@ -2,8 +2,12 @@
 
 One training example is a chat: the user's prompt rendered with the model's
 own chat template (generation prompt included), then the assistant turn
-``<control token> <response><eos>``. Only the assistant turn is scored, and
-the decision token can be weighted up: it is the one token the server acts on.
+``<control token> <response><eos>``. The assistant turn is scored, and the
+decision token can be weighted up: it is the one token the server acts on.
+``prompt_weight`` (default 0) also scores the prompt's own tokens as plain
+language modelling, and ``prompt_dropout`` (default 0) hides a random share of
+the prompt's tokens in each batch (the labels keep them): both help a model
+trained from scratch rely on what a prompt says rather than on its exact form.
 
 The loop is shared by the demo build (a from-scratch model, every parameter
 trained) and ``refusal-gateway train`` (an existing model, full or LoRA): only
@@ -17,7 +21,7 @@ from __future__ import annotations
 import logging
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -56,6 +60,8 @@ class TrainConfig:
     decision_weight: float = 3.0
     max_length: int = 128
     seed: int = 0
+    prompt_weight: float = 0.0  # weight of next-token loss on the prompt (0: assistant turn only)
+    prompt_dropout: float = 0.0  # share of prompt tokens hidden (replaced by pad) in each batch
 
 
 class PromptTooLong(ValueError):
@@ -115,20 +121,26 @@ def encode(
     )
 
 
-def _batch(items: Sequence[Encoded], pad_id: int, decision_weight: float):
+def _batch(items: Sequence[Encoded], pad_id: int, decision_weight: float, prompt_weight: float = 0.0):
+    """Padded ids, labels, loss weights, attention mask and which prompt positions may be hidden."""
     width = max(len(e.input_ids) for e in items)
     ids = torch.full((len(items), width), pad_id, dtype=torch.long)
     labels = torch.full((len(items), width), IGNORE, dtype=torch.long)
     weights = torch.zeros((len(items), width))
     attention = torch.zeros((len(items), width), dtype=torch.long)
+    in_prompt = torch.zeros((len(items), width), dtype=torch.bool)
     for i, e in enumerate(items):
         n = len(e.input_ids)
         ids[i, :n] = torch.tensor(e.input_ids)
         labels[i, :n] = torch.tensor(e.labels)
         attention[i, :n] = 1
+        in_prompt[i, : e.decision_index] = True
         weights[i, :n] = (labels[i, :n] != IGNORE).float()
+        if prompt_weight > 0:
+            labels[i, : e.decision_index] = ids[i, : e.decision_index]
+            weights[i, : e.decision_index] = prompt_weight
         weights[i, e.decision_index] = decision_weight
-    return ids, labels, weights, attention
+    return ids, labels, weights, attention, in_prompt
 
 
 def _length_grouped_batches(
@@ -199,12 +211,16 @@ def train(
     eos_id: int | None = None,
     keep_prompt: bool = False,
     checkpointer: Checkpointer | None = None,
+    lr_scales: Mapping[str, float] | None = None,
 ) -> list[float]:
     """Train ``model`` in place; return the loss per step (for the build log).
 
     Only parameters with ``requires_grad`` are trained (LoRA freezes the
     rest). ``eos_id`` and ``keep_prompt`` are passed to :func:`encode`. With a ``checkpointer`` the run starts from its latest checkpoint,
     if any, and the returned losses cover every step, restored ones included.
+    ``lr_scales`` maps a parameter-name substring to a learning-rate
+    multiplier (first match wins): LoRA's new control-token rows start
+    identical and must travel much further than the low-rank adapters.
     """
     random.seed(config.seed)
     torch.manual_seed(config.seed)
@@ -212,14 +228,29 @@ def train(
     if not encoded:
         raise ValueError("no training examples")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    # Never hidden by prompt_dropout: special and added tokens (the chat template's markers).
+    special = torch.tensor(
+        sorted(set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}))),
+        dtype=torch.long,
+    )
     device = next(model.parameters()).device
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    decay = [p for n, p in trainable if p.ndim >= 2]
-    no_decay = [p for n, p in trainable if p.ndim < 2]
+
+    def scale_of(name: str) -> float:
+        return next((v for k, v in (lr_scales or {}).items() if k in name), 1.0)
+
+    groups: dict[tuple[float, bool], list] = {}
+    for n, p in trainable:
+        groups.setdefault((scale_of(n), p.ndim >= 2), []).append(p)
+    if lr_scales:
+        counts: dict[float, int] = {}
+        for (scale, _), ps in groups.items():
+            counts[scale] = counts.get(scale, 0) + sum(p.numel() for p in ps)
+        logger.info("parameters per learning-rate scale: %s", counts)
     optimizer = torch.optim.AdamW(
         [
-            {"params": decay, "weight_decay": config.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
+            {"params": ps, "weight_decay": config.weight_decay if decays else 0.0, "lr_scale": scale}
+            for (scale, decays), ps in sorted(groups.items(), key=lambda kv: (kv[0][0], not kv[0][1]))
         ],
         lr=config.lr,
         betas=(0.9, 0.98),
@@ -253,11 +284,15 @@ def train(
         if not batches:
             batches = _length_grouped_batches(encoded, config.batch_size, rng)
         picked = [encoded[i] for i in batches.pop()]
-        ids, labels, weights, attention = (
-            t.to(device) for t in _batch(picked, pad_id, config.decision_weight)
+        ids, labels, weights, attention, in_prompt = _batch(
+            picked, pad_id, config.decision_weight, config.prompt_weight
         )
+        if config.prompt_dropout > 0:
+            hide = in_prompt & ~torch.isin(ids, special) & (torch.rand(ids.shape) < config.prompt_dropout)
+            ids = ids.masked_fill(hide, pad_id)
+        ids, labels, weights, attention = (t.to(device) for t in (ids, labels, weights, attention))
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step)
+            group["lr"] = lr_at(step) * group["lr_scale"]
         logits = model(input_ids=ids, attention_mask=attention).logits
         # Predict token t+1 from position t.
         logits, labels, weights = logits[:, :-1], labels[:, 1:], weights[:, 1:]

@@ -100,6 +100,7 @@ class TrainOptions:
     lora_alpha: int = 32
     lora_dropout: float = 0.05
     lora_targets: tuple[str, ...] = ()  # default: every linear layer but the output
+    token_lr_scale: float = 30.0  # LoRA: learning-rate multiplier of the control-token rows
     checkpoint_every: int = 100  # 0: never
     resume: bool = False
     keep_checkpoints: bool = False
@@ -229,6 +230,8 @@ def train_refusal_model(options: TrainOptions) -> TrainResult:
         eos_id=end_id,
         keep_prompt=True,
         checkpointer=checkpointer,
+        # peft's TrainableTokens deltas: the new rows, trained in full next to the adapters.
+        lr_scales={"trainable_tokens": options.token_lr_scale} if options.lora else None,
     )
 
     if options.lora:
@@ -327,6 +330,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lora-alpha", type=int, default=d.lora_alpha)
     parser.add_argument("--lora-dropout", type=float, default=d.lora_dropout)
     parser.add_argument(
+        "--token-lr-scale",
+        type=float,
+        default=d.token_lr_scale,
+        help="with --lora: learning-rate multiplier of the control-token embedding rows, which "
+        "start identical and must move further than the adapters",
+    )
+    parser.add_argument(
         "--lora-targets", nargs="+", default=[], help="module names (default: all linear layers)"
     )
     parser.add_argument(
@@ -376,6 +386,7 @@ def options_from_args(args: argparse.Namespace) -> TrainOptions:
         lora_rank=args.lora_rank,
         lora_alpha=args.lora_alpha,
         lora_dropout=args.lora_dropout,
+        token_lr_scale=args.token_lr_scale,
         lora_targets=tuple(args.lora_targets),
         checkpoint_every=args.checkpoint_every,
         resume=args.resume,

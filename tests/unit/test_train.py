@@ -576,6 +576,31 @@ def test_lora_is_merged_into_plain_weights(bases, data, tmp_path, arch):
     )  # control rows trained apart
 
 
+def test_lora_control_rows_learn_at_their_own_rate(bases, data, tmp_path):
+    """--token-lr-scale moves the new rows further; the adapters' step is unchanged."""
+
+    def control_rows_and_proj(scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        result = tr.train_refusal_model(
+            options(bases["llama"], tmp_path / f"s{scale}", data, lora=True, lora_rank=4,
+                    lora_dropout=0.0, lr=1e-3, max_steps=3, token_lr_scale=scale)
+        )  # fmt: skip
+        w = load_file(result.out / "model.safetensors")
+        ids = result.manifest.ids
+        proj = torch.cat([w[k].flatten() for k in sorted(w) if k.endswith("q_proj.weight")])
+        return w["model.embed_tokens.weight"][ids], proj
+
+    base = load_file(bases["llama"] / "model.safetensors")
+    base_proj = torch.cat([base[k].flatten() for k in sorted(base) if k.endswith("q_proj.weight")])
+    rows_1, proj_1 = control_rows_and_proj(1.0)
+    rows_30, proj_30 = control_rows_and_proj(30.0)
+
+    def spread(rows: torch.Tensor) -> torch.Tensor:  # the rows start equal (the mean row)
+        return (rows - rows.mean(dim=0)).norm(dim=1).mean()
+
+    assert spread(rows_30) > 5 * spread(rows_1)
+    assert (proj_1 - base_proj).norm() == pytest.approx((proj_30 - base_proj).norm(), rel=0.5)
+
+
 def test_cli_builds_the_options(tmp_path):
     from refusal_gateway.cli import parser
 
@@ -587,3 +612,4 @@ def test_cli_builds_the_options(tmp_path):
     assert opts.scheme == "binary" and opts.tokens == {"refuse": "<no>"} and opts.lora
     assert opts.data == (Path("x.jsonl"), Path("y.jsonl")) and opts.max_steps == 7
     assert opts.holdout_fraction == 0.1 and args.func.__name__ == "_train"
+    assert opts.token_lr_scale == 30.0
