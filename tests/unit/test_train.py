@@ -613,3 +613,20 @@ def test_cli_builds_the_options(tmp_path):
     assert opts.data == (Path("x.jsonl"), Path("y.jsonl")) and opts.max_steps == 7
     assert opts.holdout_fraction == 0.1 and args.func.__name__ == "_train"
     assert opts.token_lr_scale == 30.0
+
+
+def test_prompt_weight_scores_the_prompt_and_keeps_the_decision_weight():
+    """The demo build's prompt LM loss: prompt positions get plain next-token labels at their weight."""
+    from refusal_gateway.tools.sft import IGNORE, Encoded, _batch
+
+    e = Encoded(input_ids=[5, 6, 7, 8, 9], labels=[IGNORE, IGNORE, IGNORE, 8, 9], decision_index=3)
+    short = Encoded(input_ids=[5, 8], labels=[IGNORE, 8], decision_index=1)
+    ids, labels, weights, attention, in_prompt = _batch([e, short], pad_id=0, decision_weight=3.0)
+    assert labels[0].tolist() == [IGNORE, IGNORE, IGNORE, 8, 9]
+    assert weights[0].tolist() == [0, 0, 0, 3.0, 1.0] and weights[1].tolist() == [0, 3.0, 0, 0, 0]
+    assert in_prompt[0].tolist() == [True, True, True, False, False]
+    assert attention[1].tolist() == [1, 1, 0, 0, 0] and labels[1, 2:].eq(IGNORE).all()
+    _, labels, weights, _, _ = _batch([e, short], pad_id=0, decision_weight=3.0, prompt_weight=0.5)
+    assert labels[0].tolist() == [5, 6, 7, 8, 9]
+    assert weights[0].tolist() == [0.5, 0.5, 0.5, 3.0, 1.0]
+    assert weights[1, 2:].eq(0).all()  # padding is never scored
