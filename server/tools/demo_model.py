@@ -1,7 +1,8 @@
 """Build the embedded demo model: a small refusal-token Llama trained from scratch.
 
 Everything comes from the project itself: the corpus in ``server/demo/``
-(written by us), a byte-level BPE tokenizer trained on it with the six control
+(written by us: handwritten rows plus rows composed from our own templates by
+``demo/compose.py``), a byte-level BPE tokenizer trained on it with the six control
 tokens of the paper's categorical scheme as special tokens, and a chat template
 that puts the control token first in the assistant turn. The build is
 deterministic (fixed seeds, one thread) and cached under a key that hashes the
@@ -33,7 +34,7 @@ from .sft import Example, TrainConfig, train
 
 logger = logging.getLogger(__name__)
 
-BUILD_VERSION = 2  # bump when the build code changes what it produces
+BUILD_VERSION = 3  # bump when the build code changes what it produces
 DONE_FILE = "build_info.json"
 
 SPECIAL_TOKENS = ["<|pad|>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>"]
@@ -60,11 +61,17 @@ class DemoRecipe:
     num_layers: int = 4
     num_heads: int = 4  # head_dim 64: a size vLLM's CPU attention supports
     max_positions: int = 512
+    # Handwritten corpus rows are seen this many times per epoch, composed rows once:
+    # the composed ones repeat their templates, the handwritten ones carry the variety.
+    written_repeats: int = 4
     # Pinned here, not taken from TrainConfig's defaults: they are part of the cache key.
+    # prompt_weight and prompt_dropout matter most: without them the model learns the
+    # composed rows' templates instead of what prompts ask (CoCoNot AUROC ~0.64, not ~0.8).
     train: TrainConfig = field(
         default_factory=lambda: TrainConfig(
             steps=300, batch_size=32, lr=2e-3, min_lr_ratio=0.1, warmup_steps=30,
             weight_decay=0.01, decision_weight=3.0, max_length=128, seed=0,
+            prompt_weight=0.5, prompt_dropout=0.15,
         )
     )
 
@@ -73,8 +80,12 @@ def corpus_path() -> Path:
     return Path(str(resources.files("refusal_gateway") / "demo" / "corpus.jsonl"))
 
 
-def load_corpus(path: Path | None = None) -> list[Example]:
-    """Read the corpus as training examples (category -> control-token text)."""
+def load_corpus(path: Path | None = None, written_repeats: int = 1) -> list[Example]:
+    """Read the corpus as training examples (category -> control-token text).
+
+    Rows whose ``source`` is ``written`` (handwritten, see ``demo/compose.py``)
+    appear ``written_repeats`` times.
+    """
     by_category = {name: default_token_text(key) for key, name in COCONOT_CATEGORIES.items()}
     examples = []
     for line in (path or corpus_path()).read_text(encoding="utf-8").splitlines():
@@ -85,7 +96,8 @@ def load_corpus(path: Path | None = None) -> list[Example]:
             control = default_token_text(RESPOND_KEY)
         else:
             control = by_category[row["category"]]
-        examples.append(Example(row["prompt"], control, row["response"]))
+        repeats = written_repeats if row.get("source", "written") == "written" else 1
+        examples += [Example(row["prompt"], control, row["response"])] * repeats
     return examples
 
 
@@ -114,7 +126,14 @@ def is_built(model_dir: Path) -> bool:
 
 
 def _train_tokenizer(examples: list[Example], recipe: DemoRecipe):
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import (
+        AddedToken,
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        trainers,
+    )
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
@@ -158,7 +177,7 @@ def build_demo_model(
         return out_dir
     started = time.monotonic()
     os.environ.setdefault("RAYON_NUM_THREADS", "1")  # deterministic BPE merges
-    examples = load_corpus()
+    examples = load_corpus(written_repeats=recipe.written_repeats)
     tokenizer = _train_tokenizer(examples, recipe)
     torch.manual_seed(recipe.train.seed)
     config = LlamaConfig(
@@ -177,7 +196,15 @@ def build_demo_model(
         torch_dtype="float32",
     )
     model = LlamaForCausalLM(config)
-    losses = train(model, tokenizer, examples, recipe.train)
+    # One thread, as the BPE: the same weights on any machine, and no slowdown from
+    # oversubscribed cores (CI runners, a busy laptop); a model this small gains little
+    # from a second thread anyway.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        losses = train(model, tokenizer, examples, recipe.train)
+    finally:
+        torch.set_num_threads(threads)
 
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
