@@ -48,18 +48,23 @@ def _build_demo(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
+def _model_dir(args: argparse.Namespace):
+    """The model directory the settings name; the demo model is built on first use."""
+    settings = settings_from_args(args)
+    if settings.model == "demo":
+        from .tools.demo_model import build_demo_model
+
+        return build_demo_model(settings.model_dir())
+    return settings.model_dir()
+
+
 def _score(args: argparse.Namespace, extra: list[str]) -> int:
     import json
     from pathlib import Path
 
     from .tools.scoring import evaluate, read_jsonl
 
-    settings = settings_from_args(args)
-    model_dir = settings.model_dir()
-    if settings.model == "demo":
-        from .tools.demo_model import build_demo_model
-
-        model_dir = build_demo_model(model_dir)
+    model_dir = _model_dir(args)
     report = evaluate(model_dir, read_jsonl([Path(p) for p in args.data]))
     print(json.dumps({"model": str(model_dir), **report}, indent=2))
     return 0
@@ -71,12 +76,7 @@ def _calibrate(args: argparse.Namespace, extra: list[str]) -> int:
     from .tools.calibrate import calibrate
     from .tools.scoring import read_jsonl
 
-    settings = settings_from_args(args)
-    model_dir = settings.model_dir()
-    if settings.model == "demo":
-        from .tools.demo_model import build_demo_model
-
-        model_dir = build_demo_model(model_dir)
+    model_dir = _model_dir(args)
     try:
         result = calibrate(
             model_dir,

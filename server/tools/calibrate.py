@@ -42,6 +42,7 @@ import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -76,12 +77,13 @@ class Scores:
             tuple(KEY_OF_CATEGORY.get(r.category or "") for r in rows),
         )
 
-    @property
+    # Cached: the per-category fit evaluates hundreds of candidate thresholds on one Scores.
+    @cached_property
     def c_star(self) -> np.ndarray:
         """[N] column of the most likely refusal category (1..K-1)."""
         return 1 + self.probs[:, 1:].argmax(axis=1)
 
-    @property
+    @cached_property
     def p_star(self) -> np.ndarray:
         return self.probs[np.arange(len(self.probs)), self.c_star]
 
@@ -129,8 +131,11 @@ def _cut(sorted_desc: np.ndarray, n: int) -> float:
     return float(math.exp((math.log(low) + math.log(below)) / 2)) if low > below else float(low)
 
 
-def _curve(p: np.ndarray, positive: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Counts refused if the ``n`` highest scores are: (n, true positives, false positives).
+def _curve(
+    p: np.ndarray, positive: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Counts refused if the ``n`` highest scores are: (n, true positives, false positives),
+    plus the scores sorted high to low (what :func:`_cut` reads).
 
     Only cut points between distinct scores are kept: scores within
     :data:`TIE` of each other go together, since the server's own float32
@@ -142,7 +147,7 @@ def _curve(p: np.ndarray, positive: np.ndarray) -> tuple[np.ndarray, np.ndarray,
     fp = np.concatenate([[0], np.cumsum(~pos)])
     n = np.arange(len(ps) + 1)
     keep = np.concatenate([[True], np.append(ps[1:] < ps[:-1] * (1 - TIE), True)])
-    return n[keep], tp[keep], fp[keep]
+    return n[keep], tp[keep], fp[keep], ps
 
 
 @dataclass(frozen=True)
@@ -155,14 +160,14 @@ def fit_global(scores: Scores, target: float | None) -> dict[str, float]:
     """One threshold for every category (``{"refuse": t}``)."""
     p, pos = scores.p_star, scores.should_refuse
     n_pos, n_neg = max(1, int(pos.sum())), max(1, int((~pos).sum()))
-    n, tp, fp = _curve(p, pos)
+    n, tp, fp, desc = _curve(p, pos)
     tpr, fpr = tp / n_pos, fp / n_neg
     if target is None:
         best = int(np.argmax(tpr - fpr))  # first maximum: the highest threshold
     else:
         ok = np.flatnonzero(fpr <= target + 1e-12)
         best = int(ok[np.argmax(tpr[ok])])
-    return {REFUSE_KEY: _cut(np.sort(p)[::-1], int(n[best]))}
+    return {REFUSE_KEY: _cut(desc, int(n[best]))}
 
 
 def fit_per_category(scores: Scores, target: float | None) -> dict[str, float]:
@@ -173,8 +178,8 @@ def fit_per_category(scores: Scores, target: float | None) -> dict[str, float]:
     for col in range(1, len(scores.keys)):
         members = c_star == col
         if members.any():
-            n, tp, fp = _curve(p[members], pos[members])
-            groups[scores.keys[col]] = (np.sort(p[members])[::-1], n, tp / n_pos, fp / n_neg)
+            n, tp, fp, desc = _curve(p[members], pos[members])
+            groups[scores.keys[col]] = (desc, n, tp / n_pos, fp / n_neg)
 
     def pick(price: float) -> dict[str, float]:
         """Per group, the cut maximising refusal rate - price x over-refusal."""
@@ -227,7 +232,7 @@ def _plot(scores: Scores, fitted: Fit, out: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     p, pos = scores.p_star, scores.should_refuse
-    _, tp, fp = _curve(p, pos)
+    _, tp, fp, _ = _curve(p, pos)
     argmax_point = figures(scores, decisions(scores, None))
     fig, ax = plt.subplots(figsize=(5, 5))
     ax.plot(

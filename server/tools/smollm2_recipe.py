@@ -127,8 +127,10 @@ def score_model(model_dir: Path, split: Split, thresholds: dict[str, float] | No
         with warnings.catch_warnings():  # a file without refuse rows: their means are empty
             warnings.simplefilter("ignore", RuntimeWarning)
             plain = evaluate_probabilities(manifest, probs, rows)
-            ruled = figures(Scores.of(keys, probs, rows), decisions(Scores.of(keys, probs, rows), thresholds))
-        return plain, ruled if thresholds else None
+        if not thresholds:
+            return plain, None
+        scores = Scores.of(keys, probs, rows)
+        return plain, figures(scores, decisions(scores, thresholds))
 
     report, ruled = scored([split.heldout, split.contrast])
     benign = scored([split.benign]) if split.benign is not None else None
