@@ -29,7 +29,13 @@ from collections.abc import Sequence
 
 import torch
 
-from .params import RefusalParams
+from .params import (
+    BIAS_LIMIT,
+    DEFAULT_TEMPERATURE,
+    MAX_TEMPERATURE,
+    MIN_TEMPERATURE,
+    RefusalParams,
+)
 from .report import DecisionReporter, Target, control_probabilities
 from .vocab import REFUSE_KEY, RefusalManifest
 
@@ -87,13 +93,26 @@ def decide(
         p_star = torch.exp(refusal.gather(1, c_star) * inv_temp.unsqueeze(1) - lse)
         thr_star = threshold[:, 1:].gather(1, c_star)
         forced_col = torch.where(p_star >= thr_star, c_star + 1, torch.zeros_like(c_star))
-        force = ~torch.isnan(thr_star) & allowed.gather(1, forced_col)
+        # p is NaN only when the row has no finite logit left (a mask, or
+        # logits beyond float32 after 1/T): then the model's own choice stands.
+        force = ~torch.isnan(thr_star) & ~torch.isnan(p_star) & allowed.gather(1, forced_col)
         one_hot = torch.zeros_like(allowed).scatter_(1, forced_col, True)
         forced_ctrl = torch.full_like(ctrl, NEG_INF).masked_fill_(one_hot, 0.0)
         final_ctrl = torch.where(force, forced_ctrl, ctrl)
     # Rows whose control tokens are all masked are left to the mask.
     logits.index_fill_(0, rows[allowed.any(dim=1)], NEG_INF)
     logits[rows.unsqueeze(1), ctrl_ids.unsqueeze(0)] = final_ctrl
+
+
+def _clamp(value: float, low: float, high: float, fallback: float) -> float:
+    """``value`` within [low, high]; ``fallback`` for NaN or a non-number."""
+    try:
+        value = float(value)
+    except (TypeError, ValueError, OverflowError):
+        return fallback
+    if math.isnan(value):
+        return fallback
+    return min(max(value, low), high)
 
 
 class RefusalTable:
@@ -132,19 +151,27 @@ class RefusalTable:
 
     # -- writes (host side, on batch changes) --------------------------------
     def write(self, slot: int, params: RefusalParams) -> bool:
-        """Store ``params`` in ``slot``; return whether the slot is active."""
+        """Store ``params`` in ``slot``; return whether the slot is active.
+
+        Never raises on values that passed :func:`parse_refusal_params`, and
+        clamps anything else into the validated ranges first: an exception
+        here would kill the engine and every request in flight with it.
+        """
         self.clear(slot)
         if not params.active:
             return False
         h = self._host
         for key, value in params.bias.items():
             for col in self._columns.get(key, ()):
-                h["bias"][slot, col] += value
+                h["bias"][slot, col] += _clamp(value, -BIAS_LIMIT, BIAS_LIMIT, 0.0)
         # The general threshold first, so a category's own threshold wins.
         for key in sorted(params.threshold, key=lambda k: k != REFUSE_KEY):
             for col in self._columns.get(key, ()):
-                h["threshold"][slot, col] = params.threshold[key]
-        h["inv_temp"][slot] = 1.0 / params.temperature
+                h["threshold"][slot, col] = _clamp(params.threshold[key], 0.0, 1.0, math.nan)
+        temperature = _clamp(
+            params.temperature, MIN_TEMPERATURE, MAX_TEMPERATURE, DEFAULT_TEMPERATURE
+        )
+        h["inv_temp"][slot] = 1.0 / temperature
         h["active"][slot] = True
         if params.report_to is not None and params.report_id is not None:
             self.targets[slot] = (params.report_to, params.report_id)

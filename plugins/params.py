@@ -10,12 +10,15 @@ disagree on what a request means.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from .vocab import ALL_REFUSAL_KEYS
+
+logger = logging.getLogger(__name__)
 
 BIAS_FIELD = "refusal_bias"
 THRESHOLD_FIELD = "refusal_threshold"
@@ -38,6 +41,12 @@ MAX_REPORT_FIELD_LEN = 128
 BIAS_LIMIT = 100.0  # same range as OpenAI's logit_bias
 #: The paper's default temperature for the thresholding softmax.
 DEFAULT_TEMPERATURE = 1.0
+#: Bounds of the thresholding temperature. The processor multiplies logits by
+#: 1 / T in float32: below ~3e-39 that factor is not even representable (a
+#: request once killed the engine that way), and far above 1 / MIN the scaled
+#: logits of a real model could overflow. 0.01 sharpens the softmax a hundredfold,
+#: more than any use of the rule needs.
+MIN_TEMPERATURE = 0.01
 MAX_TEMPERATURE = 100.0
 
 
@@ -68,7 +77,10 @@ class RefusalParams:
 def _number(name: str, value: Any, low: float, high: float) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise RefusalParamError(name, f"{name} must be a number, got {type(value).__name__}")
-    value = float(value)
+    try:
+        value = float(value)
+    except OverflowError:  # an integer too large for a float
+        raise RefusalParamError(name, f"{name} must be a finite number, got a huge integer") from None
     if not math.isfinite(value):
         raise RefusalParamError(name, f"{name} must be finite, got {value}")
     if not low <= value <= high:
@@ -95,7 +107,7 @@ def _collect(extra_args: Mapping[str, Any]) -> dict[str, Any]:
     """Group flat ``field.key`` entries and nested ``field: {...}`` under each field."""
     grouped: dict[str, Any] = {}
     for raw_key, value in extra_args.items():
-        if not raw_key.startswith("refusal_"):
+        if not isinstance(raw_key, str) or not raw_key.startswith("refusal_"):
             continue  # other plugins' arguments
         name, dot, sub = raw_key.partition(".")
         if name not in FIELDS:
@@ -138,9 +150,9 @@ def parse_refusal_params(extra_args: Mapping[str, Any] | None) -> RefusalParams:
     threshold = _per_key(THRESHOLD_FIELD, grouped.get(THRESHOLD_FIELD, {}), 0.0, 1.0)
     temperature = DEFAULT_TEMPERATURE
     if TEMPERATURE_FIELD in grouped:
-        temperature = _number(TEMPERATURE_FIELD, grouped[TEMPERATURE_FIELD], 0.0, MAX_TEMPERATURE)
-        if temperature == 0.0:
-            raise RefusalParamError(TEMPERATURE_FIELD, f"{TEMPERATURE_FIELD} must be greater than 0")
+        temperature = _number(
+            TEMPERATURE_FIELD, grouped[TEMPERATURE_FIELD], MIN_TEMPERATURE, MAX_TEMPERATURE
+        )
     decide = False
     if DECIDE_FIELD in grouped:
         decide = grouped[DECIDE_FIELD]
@@ -167,6 +179,22 @@ def parse_refusal_params(extra_args: Mapping[str, Any] | None) -> RefusalParams:
         report_to=report_to,
         report_id=report_id,
     )
+
+
+def engine_params(extra_args: Mapping[str, Any] | None) -> RefusalParams:
+    """What the engine applies: the parsed settings, never an exception.
+
+    vLLM validates every request with the processor's ``validate_params``
+    before it reaches the engine, so a parse error here means that check was
+    skipped (an offline caller). Raising would kill the engine and every
+    request in flight; a request with settings we cannot read gets the
+    model's own decision instead (control token first, nothing forced).
+    """
+    try:
+        return parse_refusal_params(extra_args)
+    except Exception:  # noqa: BLE001 - the engine must not die on one request
+        logger.warning("unreadable refusal settings reached the engine; the model decides")
+        return RefusalParams(decide=True)
 
 
 def _text(name: str, value: Any) -> str | None:

@@ -24,7 +24,7 @@ from vllm.v1.sample.logits_processor import (
 )
 
 from .core import RefusalTable, apply_rows
-from .params import parse_refusal_params
+from .params import engine_params, parse_refusal_params
 from .vocab import RefusalManifest
 
 if TYPE_CHECKING:
@@ -86,7 +86,7 @@ class RefusalLogitsProcessor(LogitsProcessor):
             self.table.clear(row)
             self._pending.pop(row, None)
         for row, params, _prompt, output in bu.added:
-            active = self.table.write(row, parse_refusal_params(params.extra_args))
+            active = self.table.write(row, engine_params(params.extra_args))
             if active and not output:
                 self._pending[row] = output
             else:

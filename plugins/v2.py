@@ -24,7 +24,7 @@ from vllm.v1.worker.gpu.sample.logits_processor import (
 )
 
 from .core import RefusalTable, apply_rows
-from .params import parse_refusal_params
+from .params import engine_params, parse_refusal_params
 from .v1 import load_manifest
 
 if TYPE_CHECKING:
@@ -54,7 +54,7 @@ class RefusalLogitsProcessorV2(LogitsProcessor):
 
     def add_request(self, req_idx: int, sampling_params: SamplingParams) -> bool:
         # Slots are recycled without notice: write() fully resets the slot.
-        return self.table.write(req_idx, parse_refusal_params(sampling_params.extra_args))
+        return self.table.write(req_idx, engine_params(sampling_params.extra_args))
 
     def apply_staged_writes(self) -> None:
         self.table.tensors()

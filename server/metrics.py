@@ -15,8 +15,10 @@ import weakref
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
 
+from .launcher_metrics import register_launcher_series
+
 #: Why the layer answered a request itself (label ``reason``).
-REJECT_REASONS = ("validation", "auth", "policy", "unavailable")
+REJECT_REASONS = ("validation", "auth", "policy", "route", "unavailable")
 #: Which refusal controls a request used (label ``controls``).
 CONTROLS = ("none", "bias", "threshold", "bias+threshold")
 NO_PROFILE = "none"
@@ -34,7 +36,7 @@ _BY_REGISTRY: weakref.WeakKeyDictionary[CollectorRegistry, GatewayMetrics] = (
 
 
 def reason_for_status(status: int) -> str:
-    return {401: "auth", 403: "policy", 503: "unavailable"}.get(status, "validation")
+    return {401: "auth", 403: "policy", 404: "route", 503: "unavailable"}.get(status, "validation")
 
 
 class GatewayMetrics:
@@ -76,6 +78,15 @@ class GatewayMetrics:
             "Requests the refusal layer answered with an error itself, by reason "
             "(validation, auth, policy, unavailable).",
             ["model", "reason"],
+            registry=registry,
+        )
+        self.shadow_decisions = Counter(
+            "refusal_gateway_shadow_decisions",
+            "Decisions the policy file's shadow (what-if) profiles would have made on the "
+            "requests served, by model, profile and category (respond or a refusal category "
+            "key), computed from the model's own control-token probabilities: the greedy "
+            "decision under that profile's bias and threshold (refusal_gateway.shadow).",
+            ["model", "profile", "category"],
             registry=registry,
         )
 
@@ -127,4 +138,7 @@ def get_metrics(registry: CollectorRegistry = REGISTRY) -> GatewayMetrics:
     metrics = _BY_REGISTRY.get(registry)
     if metrics is None:
         metrics = _BY_REGISTRY[registry] = GatewayMetrics(registry)
+        # The launcher's series (engine state, restarts, standby answers) on
+        # the same /metrics while vLLM serves; see refusal_gateway.launcher_metrics.
+        register_launcher_series(registry)
     return metrics

@@ -3,13 +3,14 @@
     vllm serve MODEL --middleware refusal_gateway.middleware.RefusalGatewayMiddleware \
         --logits-processors refusal_plugins.v1:RefusalLogitsProcessor
 
-It owns ``POST /v1/chat/completions`` and ``POST /v1/completions``: the request
-body is validated and rewritten before vLLM's handler sees it, and the response
-is rewritten on its way out (decision read, control token hidden, chat refusal
-text moved to ``refusal``). Every other path goes straight to vLLM (after the
-API-key check, when keys are configured). vLLM builds the class
-with no arguments, so configuration comes from the environment the launcher
-sets (see :mod:`refusal_gateway.settings`).
+It owns ``POST /v1/chat/completions``, ``POST /v1/completions`` and SageMaker's
+``POST /invocations``: the request body is validated and rewritten before
+vLLM's handler sees it, and the response is rewritten on its way out (decision
+read, control token hidden, chat refusal text moved to ``refusal``). Probes,
+scrapes and the model list go straight to vLLM; every other route is closed
+with a 404 that says why (default deny, :mod:`refusal_gateway.routes`). vLLM
+builds the class with no arguments, so configuration comes from the
+environment the launcher sets (see :mod:`refusal_gateway.settings`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from refusal_plugins.vocab import RefusalManifest
@@ -39,9 +41,17 @@ from .refusal import (
     ControlText,
     Decision,
     TextShape,
-    strip_logprobs,
 )
 from .reports import DecisionInbox
+from .routes import UNAUTHENTICATED_PATHS, closed_reason, decide, route_report
+from .scrub import (
+    Specials,
+    special_tokens,
+    strip_chat_logprobs,
+    strip_completion_logprobs,
+    strip_prompt_logprobs,
+    strip_token_ids,
+)
 from .settings import GatewaySettings
 from .stream import StreamRewriter
 
@@ -62,12 +72,14 @@ ROUTES = {
     "/v1/chat/completions": Route(prepare_chat_request, CHAT_MESSAGE, CHAT_DELTA),
     "/v1/completions": Route(prepare_completion_request, COMPLETION_TEXT, COMPLETION_TEXT),
 }
-#: Paths that stay open when API keys are configured (probes and scrapes).
-OPEN_PATHS = frozenset({"/health", "/ping", "/metrics", "/version"})
 #: The launcher's canary prober proves itself with a per-launch secret and
 #: names the prompt's expected behaviour; only such requests are canaries.
 CANARY_SECRET = CANARY_HEADER.lower().encode()
 CANARY_EXPECT = CANARY_EXPECT_HEADER.lower().encode()
+#: Longest X-Request-Id taken from a client (it is echoed back and logged).
+MAX_REQUEST_ID = 256
+#: What vLLM's 500 says when the EngineCore died under a request.
+ENGINE_DEAD_MARKERS = (b"EngineCore encountered an issue", b"EngineDeadError")
 
 
 @dataclass
@@ -121,11 +133,13 @@ class Gateway:
         manifest: RefusalManifest,
         policy: Policy | None = None,
         registry=None,
+        model_dir: Path | None = None,
     ):
         self.settings = settings
         self.manifest = manifest
         self.policy = policy or Policy.load(settings.policy_file)
         self.control = ControlText(manifest)
+        self.specials = Specials(special_tokens(model_dir, self.control))
         self.model_name = settings.model_name()
         metrics = get_metrics() if registry is None else get_metrics(registry)
         keys = [t.key for t in manifest.tokens] + ["none"]
@@ -135,7 +149,8 @@ class Gateway:
 
     @classmethod
     def from_settings(cls, settings: GatewaySettings) -> Gateway:
-        return cls(settings, RefusalManifest.load(settings.model_dir()))
+        model_dir = settings.model_dir()
+        return cls(settings, RefusalManifest.load(model_dir), model_dir=model_dir)
 
     @property
     def copy_content(self) -> bool:
@@ -182,18 +197,35 @@ class Gateway:
 
     # -- request side --------------------------------------------------------
     def prepare(
-        self, raw: bytes, route: Route, key: ApiKey | None = None, canary: str | None = None
-    ) -> tuple[bytes, RequestPlan]:
-        try:
-            body = json.loads(raw)
-        except ValueError as e:
-            raise bad_request(f"request body is not valid JSON: {e}", code="invalid_json") from None
-        if not isinstance(body, dict):
-            raise bad_request("request body must be a JSON object", code="invalid_json")
+        self, raw: bytes, path: str, key: ApiKey | None = None, canary: str | None = None
+    ) -> tuple[bytes, RequestPlan, Route]:
+        body = parse_body(raw)
+        route = self.route_for(path, body)
         plan = route.prepare(body, self.manifest, self.control, self.policy, key, self.inbox)
         if canary is None:
             self.metrics.requests[plan.controls, plan.profile or NO_PROFILE].inc()
-        return json.dumps(body, ensure_ascii=False).encode(), plan
+        try:
+            encoded = json.dumps(body, ensure_ascii=False, allow_nan=False).encode()
+        except ValueError:
+            raise bad_request(
+                "NaN and Infinity are not valid JSON numbers", code="invalid_json"
+            ) from None
+        return encoded, plan, route
+
+    @staticmethod
+    def route_for(path: str, body: dict[str, Any]) -> Route:
+        """The layer route of ``path``; SageMaker's ``/invocations`` by its body's shape."""
+        if path != "/invocations":
+            return ROUTES[path]
+        if "messages" in body:
+            return ROUTES["/v1/chat/completions"]
+        if "prompt" in body:
+            return ROUTES["/v1/completions"]
+        raise bad_request(
+            "/invocations serves chat completions (messages) and text completions (prompt) "
+            "only on this server",
+            code="unsupported_request",
+        )
 
     # -- response side -------------------------------------------------------
     def rewrite_completion(
@@ -203,22 +235,56 @@ class Gateway:
         if not isinstance(payload, dict):
             return
         record = self.recorder(plan, log, outcome)
+        specials = self.specials if plan.skip_special else Specials([])
+        strip_prompt_logprobs(self.control, payload)
         for choice in payload.get("choices") or []:
+            if not isinstance(choice, dict):
+                continue
+            strip_token_ids(self.control, choice)
+            strip_prompt_logprobs(self.control, choice)
+            if shape.has_refusal:
+                from_logprobs = strip_chat_logprobs(self.control, choice)
+            else:
+                strip_completion_logprobs(self.control, choice)
+                from_logprobs = None
             target = shape.target(choice)
             if target is None:
                 continue
             text = target.get(shape.field)
-            decision, visible = self.control.split(text or "")
-            choice["refusal_decision"] = record(decision, strip_logprobs(self.control, choice))
+            decision, echo, rest = self.control.read(text or "")
+            choice["refusal_decision"] = record(decision, from_logprobs)
             shape.place(
-                target, decision.refused, visible if text is not None else None, self.copy_content
+                target,
+                decision.refused,
+                specials.strip(rest) if text is not None else None,
+                self.copy_content,
+                echo=specials.strip(echo),
             )
 
     def stream_rewriter(
         self, plan: RequestPlan, shape: TextShape, log: RequestLog, outcome: Outcome
     ) -> StreamRewriter:
         record = self.recorder(plan, log, outcome)
-        return StreamRewriter(self.control, plan.n, self.copy_content, record, shape)
+        return StreamRewriter(self.control, plan, self.copy_content, record, shape, self.specials)
+
+
+def parse_body(raw: bytes) -> dict[str, Any]:
+    """The request body as a JSON object, or a 400 (never a 500).
+
+    Invalid UTF-8 and integers too long to parse are errors, and nesting too
+    deep for the parser is a 400 rather than a ``RecursionError``.
+    ``NaN``/``Infinity`` literals parse, so that the field holding one is
+    named in its 400; none is ever passed on (see :meth:`Gateway.prepare`).
+    """
+    try:
+        body = json.loads(raw)
+    except RecursionError:
+        raise bad_request("request body nests too deeply", code="invalid_json") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise bad_request(f"request body is not valid JSON: {e}", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise bad_request("request body must be a JSON object", code="invalid_json")
+    return body
 
 
 class RefusalGatewayMiddleware:
@@ -227,6 +293,7 @@ class RefusalGatewayMiddleware:
     def __init__(self, app: ASGIApp, gateway: Gateway | None = None) -> None:
         self.app = app
         self.gateway = gateway or Gateway.from_settings(GatewaySettings())
+        self.inflight = 0
         logger.info(
             "refusal gateway layer on %s: model %r, %s scheme",
             ", ".join(ROUTES),
@@ -235,38 +302,64 @@ class RefusalGatewayMiddleware:
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            self._report_routes(scope.get("app"))
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        path = scope["path"]
         key = None
         canary = self.gateway.canary_expectation(scope)
-        if self.gateway.policy.requires_key and scope["path"] not in OPEN_PATHS and canary is None:
+        if self.gateway.policy.requires_key and path not in UNAUTHENTICATED_PATHS and canary is None:
             # This layer is outside vLLM's own middlewares: authenticate first.
             try:
-                key = self.gateway.policy.authenticate(_header(scope, b"authorization", lower=False).decode())
+                authorization = _header(scope, b"authorization", lower=False).decode("latin-1")
+                key = self.gateway.policy.authenticate(authorization)
             except GatewayError as error:
-                self.gateway.reject(error)
-                await send_error(send, error)
+                await self._refuse(send, error)
                 return
-        route = ROUTES.get(scope["path"]) if scope["method"] == "POST" else None
-        if route is None:
+        where = decide(path)
+        if where == "closed":
+            await self._refuse(send, GatewayError(
+                404, f"{path} is not served here: {closed_reason(path)}",
+                type="not_found_error", code="route_not_served",
+            ))  # fmt: skip
+            return
+        if where == "open" or scope["method"] != "POST":
             await self.app(scope, receive, send)
             return
-        raw = await _read_body(receive)
+        limit = self.gateway.settings.max_inflight_requests
+        if limit and self.inflight >= limit:
+            await self._refuse(send, self._overloaded(limit))
+            return
+        self.inflight += 1
+        try:
+            await self._handle(scope, receive, send, key, canary)
+        finally:
+            self.inflight -= 1
+
+    async def _handle(
+        self, scope: Scope, receive: Receive, send: Send, key: ApiKey | None, canary: str | None
+    ) -> None:
+        gateway = self.gateway
+        try:
+            request_id = _request_id(scope)
+            raw = await _read_body(receive, gateway.settings.max_body_bytes)
+        except GatewayError as error:
+            await self._refuse(send, error)
+            return
         if raw is None:
             return  # the client went away before sending its body
-        # vLLM takes X-Request-Id as its own request id: one id from client to engine log.
-        request_id = _header(scope, b"x-request-id", lower=False).decode() or uuid.uuid4().hex
-        log = RequestLog(request_id, scope["path"], self.gateway.model_name)
+        log = RequestLog(request_id, scope["path"], gateway.model_name)
         try:
-            body, plan = self.gateway.prepare(raw, route, key, canary)
+            body, plan, route = gateway.prepare(raw, scope["path"], key, canary)
         except GatewayError as error:
-            self.gateway.reject(error)
             log.status, log.error = error.status, error.code
             log.emit()
-            await send_error(send, error)
+            await self._refuse(send, error)
             return
         log.profile, log.controls = plan.profile, plan.controls
+        # vLLM takes X-Request-Id as its own request id: one id from client to engine log.
         scope = _with_header(_with_length(scope, len(body)), b"x-request-id", request_id.encode())
         outcome = Outcome(canary=canary)
         try:
@@ -275,7 +368,32 @@ class RefusalGatewayMiddleware:
             )
         finally:
             if plan.report_id is not None:
-                self.gateway.inbox.forget(plan.report_id)
+                gateway.inbox.forget(plan.report_id)
+
+    async def _refuse(self, send: Send, error: GatewayError) -> None:
+        self.gateway.reject(error)
+        await send_error(send, error)
+
+    def _overloaded(self, limit: int) -> GatewayError:
+        return GatewayError(
+            503,
+            f"the server is at its limit of {limit} requests in flight; retry shortly",
+            type="service_unavailable_error",
+            code="server_overloaded",
+            headers=((b"retry-after", str(self.gateway.settings.retry_after_s).encode()),),
+        )
+
+    def _report_routes(self, app: Any) -> None:
+        """Log every route of the app by decision (once), warning on undecided ones."""
+        if app is None or getattr(self, "_routes_reported", False):
+            return
+        self._routes_reported = True
+        report = route_report(app)
+        logger.info("refusal gateway routes: %s", json.dumps(report))
+        if report["undecided"]:
+            logger.warning(
+                "routes nobody decided about (closed with a 404): %s", report["undecided"]
+            )
 
     def _responder(
         self, plan: RequestPlan, route: Route, send: Send, log: RequestLog, outcome: Outcome
@@ -290,6 +408,10 @@ class RefusalGatewayMiddleware:
                 log.status = message["status"]
                 message = _with_header(message, b"x-request-id", log.request_id.encode())
                 content_type = _header(message, b"content-type")
+                if message["status"] == 500:
+                    state["mode"] = "error"  # maybe the engine died: read it first
+                    state["start"] = message
+                    return
                 if message["status"] != 200:
                     state["mode"] = "pass"
                 elif content_type.startswith(b"text/event-stream"):
@@ -315,6 +437,11 @@ class RefusalGatewayMiddleware:
             if message["type"] != "http.response.body" or state["mode"] == "pass":
                 await send(message)
                 return
+            if state["mode"] == "error":
+                state["parts"].append(message.get("body", b""))
+                if not more:
+                    await _send_error_body(b"".join(state["parts"]))
+                return
             if not state["learnt"]:
                 # Bytes of a successful response exist: the first token, and so
                 # the decision report, has been computed.
@@ -339,6 +466,19 @@ class RefusalGatewayMiddleware:
             await send(start)
             await send({"type": "http.response.body", "body": body, "more_body": False})
 
+        async def _send_error_body(raw: bytes) -> None:
+            """vLLM's 500; a dead engine becomes a 503 + Retry-After (the launcher restarts it)."""
+            if any(marker in raw for marker in ENGINE_DEAD_MARKERS):
+                log.status = 503
+                await self._refuse(send, GatewayError(
+                    503, "the model engine stopped while serving this request and is restarting; "
+                    "retry shortly", type="service_unavailable_error", code="engine_unavailable",
+                    headers=((b"retry-after", str(gateway.settings.retry_after_s).encode()),),
+                ))  # fmt: skip
+                return
+            await send(state["start"])
+            await send({"type": "http.response.body", "body": raw, "more_body": False})
+
         return send_wrapper
 
 
@@ -351,15 +491,41 @@ def _rewrite_json(raw: bytes, rewrite: Callable[[Any], None]) -> bytes:
     return json.dumps(payload, ensure_ascii=False).encode()
 
 
-async def _read_body(receive: Receive) -> bytes | None:
-    parts = []
+async def _read_body(receive: Receive, limit: int) -> bytes | None:
+    """The whole request body, None if the client left, or a 413 past ``limit`` bytes."""
+    parts, size = [], 0
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
             return None
-        parts.append(message.get("body", b""))
+        part = message.get("body", b"")
+        size += len(part)
+        if limit and size > limit:
+            raise GatewayError(
+                413, f"request body is larger than {limit} bytes", code="request_too_large"
+            )
+        parts.append(part)
         if not message.get("more_body", False):
             return b"".join(parts)
+
+
+def _request_id(scope: Scope) -> str:
+    """The client's X-Request-Id (printable ASCII, bounded), or a new one.
+
+    vLLM echoes it back and logs it: an unbounded or non-ASCII id would break
+    clients and log lines, so such an id is a 400, not silently replaced.
+    """
+    given = _header(scope, b"x-request-id", lower=False)
+    if not given:
+        return uuid.uuid4().hex
+    if len(given) > MAX_REQUEST_ID or not all(0x21 <= b <= 0x7E for b in given):
+        raise bad_request(
+            f"X-Request-Id must be 1 to {MAX_REQUEST_ID} printable ASCII characters "
+            "without spaces",
+            param="X-Request-Id",
+            code="invalid_header",
+        )
+    return given.decode()
 
 
 def _replay(body: bytes, receive: Receive) -> Receive:

@@ -95,12 +95,16 @@ class PolicyFile(BaseModel):
     default_profile: str | None = None
     profiles: dict[str, Profile] = Field(default_factory=dict)
     api_keys: list[ApiKey] = Field(default_factory=list)
+    #: What-if profiles: for every request, the decision each would have made is
+    #: counted (refusal_gateway_shadow_decisions_total; refusal_gateway.shadow).
+    shadow_profiles: list[str] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _references(self) -> PolicyFile:
         names = set(self.profiles)
         refs = [self.default_profile] + [k.default_profile for k in self.api_keys]
         refs += [p for k in self.api_keys for p in k.profiles or []]
+        refs += self.shadow_profiles
         missing = {r for r in refs if r is not None and r not in names}
         if missing:
             raise ValueError(f"unknown profiles referenced: {sorted(missing)}")
@@ -141,6 +145,10 @@ class Policy:
     def profile_names(self) -> list[str]:
         return sorted(self._profiles)
 
+    def shadow_params(self) -> dict[str, RefusalParams]:
+        """The settings of each shadow profile (policy file order, duplicates once)."""
+        return {name: self._profiles[name] for name in self.file.shadow_profiles}
+
     def authenticate(self, authorization: str | None) -> ApiKey | None:
         """The caller's key entry; 401 when keys are configured and this one is not."""
         if not self.requires_key:
@@ -166,8 +174,8 @@ class Policy:
         self, profile_name: Any, request: RefusalParams, key: ApiKey | None
     ) -> tuple[RefusalParams, str | None]:
         """Effective settings and the profile used: default → profile → request."""
-        if profile_name is not None and not isinstance(profile_name, str):
-            raise bad_request(f"{PROFILE_FIELD} must be a string", param=PROFILE_FIELD)
+        if profile_name is not None and (not isinstance(profile_name, str) or not profile_name):
+            raise bad_request(f"{PROFILE_FIELD} must be a non-empty string", param=PROFILE_FIELD)
         name = profile_name or (key.default_profile if key else None) or self.file.default_profile
         base = RefusalParams()
         if name is not None:

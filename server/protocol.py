@@ -26,6 +26,7 @@ from refusal_plugins.params import (
 from refusal_plugins.vocab import RefusalManifest
 
 from .errors import bad_request
+from .fields import Kind, check_fields
 from .policy import PROFILE_FIELD, ApiKey, Policy
 from .refusal import ControlText
 
@@ -52,6 +53,12 @@ class RequestPlan:
     profile: str | None = None
     #: Id of the engine's decision report (None: not asked, e.g. several prompts).
     report_id: str | None = None
+    #: ``echo``: the response repeats the prompt before the decision token.
+    echo: bool = False
+    #: The client asked for logprobs: every event may carry control-token alternatives.
+    logprobs: bool = False
+    #: The client's ``skip_special_tokens`` (vLLM is always asked to keep them).
+    skip_special: bool = True
 
     @property
     def controls(self) -> str:
@@ -106,39 +113,114 @@ def take_refusal_params(body: dict[str, Any], manifest: RefusalManifest) -> Refu
     return params
 
 
+#: ``response_format`` types that constrain the first token with a grammar.
+STRUCTURED_FORMATS = frozenset({"json_object", "json_schema", "structural_tag"})
+
+
+def _check_token_ids(body: dict[str, Any], control: ControlText) -> None:
+    """Token-id fields may not name control tokens (they are the model's decision)."""
+    ids = control.ids
+    bias = body.get("logit_bias")
+    if isinstance(bias, dict):
+        for key in bias:
+            if _as_id(key) in ids:
+                raise bad_request(
+                    f"logit_bias may not name control token {key}: use refusal_bias",
+                    param="logit_bias",
+                )
+    for name in ("stop_token_ids", "logprob_token_ids"):
+        values = body.get(name)
+        if isinstance(values, list) and ids.intersection(values):
+            raise bad_request(f"{name} may not contain control tokens {sorted(ids)}", param=name)
+    allowed = body.get("allowed_token_ids")
+    if isinstance(allowed, list) and not ids.issubset(allowed):
+        raise bad_request(
+            "allowed_token_ids must include every control token "
+            f"{sorted(ids)}: the first token is the model's decision",
+            param="allowed_token_ids",
+        )
+
+
+def _as_id(key: Any) -> int | None:
+    try:
+        return int(key)
+    except (TypeError, ValueError):
+        return None
+
+
+def _structured(body: dict[str, Any]) -> bool:
+    """Whether the request constrains its output with a grammar (JSON mode and kin)."""
+    fmt = body.get("response_format")
+    typed = isinstance(fmt, dict) and fmt.get("type") in STRUCTURED_FORMATS
+    return typed or bool(body.get("structured_outputs"))
+
+
+def _count(body: dict[str, Any]) -> int:
+    n = body.get("n")
+    if n is None:
+        return 1
+    if n < 1:  # its JSON type was checked in fields.check_fields
+        raise bad_request(f"n must be at least 1, got {n}", param="n")
+    return n
+
+
 def _prepare(
     body: dict[str, Any],
+    kind: Kind,
     manifest: RefusalManifest,
+    control: ControlText,
     policy: Policy,
     key: ApiKey | None,
     prompts: int,
     report: Reports | None,
 ) -> RequestPlan:
-    """The part both endpoints share: settings in, ``vllm_xargs`` and special tokens out.
+    """The part both endpoints share: checks, settings in, ``vllm_xargs`` out.
 
     With one prompt, the engine is asked for a decision report (all ``n``
     choices share the prompt, so one report describes them all); several
     prompts would share one id, so they go without.
     """
+    check_fields(body, kind)
+    _check_token_ids(body, control)
+    n = _count(body)
     profile_name = body.pop(PROFILE_FIELD, None)
     requested = take_refusal_params(body, manifest)
     params, profile = policy.resolve(profile_name, requested, key)
+    if _structured(body) and (params.bias or params.threshold):
+        raise bad_request(
+            "structured output (response_format / structured_outputs) cannot be combined with "
+            "refusal controls: its grammar masks the control tokens, so the controls would be "
+            "ignored" + (f" (they come from profile {profile!r})" if profile else ""),
+            param="response_format" if "response_format" in body else "structured_outputs",
+            code="unsupported_combination",
+        )
+    try:
+        control.neutralise_json(body)
+    except ValueError as e:
+        raise bad_request(str(e), code="invalid_json") from None
     report_id = None
     if report is not None and prompts == 1:
         report_id = report.new_id()
         params = replace(params, report_to=report.name, report_id=report_id)
     params = replace(params, decide=True)
-    # The layer reads the decision from the text, so vLLM must keep special tokens.
+    skip_special = body.get("skip_special_tokens") is not False
+    # The layer reads the decision from the text, so vLLM must keep special
+    # tokens; the ones the client did not ask for are removed on the way out.
     body["skip_special_tokens"] = False
     body["vllm_xargs"] = {**(body.get("vllm_xargs") or {}), **flatten_refusal_params(params)}
-    n = body.get("n")
-    n = n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else 1
+    logprobs = any(
+        body.get(name) is not None and body.get(name) is not False
+        for name in ("logprobs", "top_logprobs", "prompt_logprobs")
+    )
     return RequestPlan(
         stream=body.get("stream") is True,
         n=n * prompts,
         params=params,
         profile=profile,
         report_id=report_id,
+        echo=body.get("echo") is True,
+        logprobs=logprobs,
+        skip_special=skip_special,
     )
 
 
@@ -154,9 +236,37 @@ def prepare_chat_request(
 
     Precedence: server/key default profile → ``refusal_profile`` → request fields.
     """
-    plan = _prepare(body, manifest, policy, key, prompts=1, report=report)
-    control.neutralise_messages(body.get("messages"))
-    return plan
+    return _prepare(body, "chat", manifest, control, policy, key, prompts=1, report=report)
+
+
+def _token_ids(value: Any) -> bool:
+    return isinstance(value, list) and all(
+        isinstance(t, int) and not isinstance(t, bool) for t in value
+    )
+
+
+def completion_prompts(prompt: Any) -> list[str | list[int]]:
+    """The prompts of a text completion, in vLLM's strict shapes, or a 400.
+
+    vLLM would coerce ``[3, 300, 4100.0]`` or ``[3, 300, "4100"]`` into token
+    ids, so a control-token id could reach the model that way: only JSON
+    integers count as ids here.
+    """
+    if isinstance(prompt, str):
+        return [prompt]
+    if isinstance(prompt, list) and prompt:
+        if all(isinstance(p, str) for p in prompt):
+            return list(prompt)
+        if _token_ids(prompt):
+            return [prompt]
+        if all(_token_ids(p) for p in prompt):
+            return list(prompt)
+    raise bad_request(
+        "prompt must be a string, a list of strings, a list of token ids (JSON integers) or a "
+        "list of such lists",
+        param="prompt",
+        code="invalid_type",
+    )
 
 
 def prepare_completion_request(
@@ -170,22 +280,20 @@ def prepare_completion_request(
     """Rewrite a text-completions body in place; prompts are defused like chat messages.
 
     A prompt given as token ids cannot be defused, so one that contains a
-    control-token id is refused (400) instead of reaching the model.
+    control-token id (or a negative id) is refused (400) instead of reaching
+    the model.
     """
-    prompt = body.get("prompt")
-    prompts = prompt if isinstance(prompt, list) else [prompt]
-    if prompts and all(isinstance(p, int) for p in prompts):
-        prompts = [prompts]  # one prompt of token ids
-    ids = set(manifest.ids)
+    prompts = completion_prompts(body.get("prompt"))
     for p in prompts:
-        if isinstance(p, list) and ids.intersection(t for t in p if isinstance(t, int)):
-            raise bad_request(
-                "prompt token ids may not contain control tokens "
-                f"{sorted(ids)} (they are the model's decision)",
-                param="prompt",
-            )
-    if isinstance(prompt, str):
-        body["prompt"] = control.neutralise(prompt)
-    elif isinstance(prompt, list):
-        body["prompt"] = [control.neutralise(p) if isinstance(p, str) else p for p in prompt]
-    return _prepare(body, manifest, policy, key, prompts=max(1, len(prompts)), report=report)
+        if isinstance(p, list):
+            if control.ids.intersection(p):
+                raise bad_request(
+                    "prompt token ids may not contain control tokens "
+                    f"{sorted(control.ids)} (they are the model's decision)",
+                    param="prompt",
+                )
+            if p and min(p) < 0:
+                raise bad_request("prompt token ids must not be negative", param="prompt")
+    return _prepare(
+        body, "completion", manifest, control, policy, key, prompts=len(prompts), report=report
+    )

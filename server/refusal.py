@@ -8,7 +8,6 @@ the model's manifest.
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -69,55 +68,96 @@ class Decision:
         }
 
 
+#: How deep a request's JSON may nest (vLLM's own schemas need under 10).
+MAX_JSON_DEPTH = 64
+
+
 class ControlText:
     """Finds, strips and defuses the control-token strings of one model."""
 
     def __init__(self, manifest: RefusalManifest):
         self.manifest = manifest
         self.by_text = manifest.by_text()
+        self.ids = frozenset(manifest.ids)
+        #: ``return_tokens_as_token_ids`` spells tokens as ``token_id:<id>``.
+        self.id_texts = frozenset(f"token_id:{i}" for i in manifest.ids)
         # Longest first, so a token that prefixes another never wins wrongly.
         texts = sorted(self.by_text, key=len, reverse=True)
         self._pattern = re.compile("|".join(re.escape(t) for t in texts))
         self.max_len = max(len(t) for t in texts)
 
+    def is_control(self, token: Any) -> bool:
+        """Whether a logprobs ``token`` string is a control token."""
+        return token in self.by_text or token in self.id_texts
+
     def strip(self, text: str) -> str:
         """``text`` with every control-token string removed."""
         return self._pattern.sub("", text)
 
-    def split(self, text: str) -> tuple[Decision, str]:
-        """Read the decision at the start of ``text``; return it and the visible rest."""
-        match = self._pattern.match(text)
-        if not match:
-            return Decision(None), self.strip(text)
-        rest = text[match.end() :]
-        if rest.startswith(" "):
-            rest = rest[1:]  # the space the model writes after the token
-        return Decision(self.by_text[match.group()]), self.strip(rest)
+    def read(self, text: str) -> tuple[Decision, str, str]:
+        """The decision in ``text``, the text before it (an echo) and the visible rest.
 
-    def undecided(self, buffered: str) -> bool:
-        """Whether ``buffered`` may still grow into a control token (keep waiting)."""
-        return len(buffered) < self.max_len and any(
-            t.startswith(buffered) for t in self.by_text
+        Client text is defused on the way in, so the first control-token
+        string of a response is the model's decision wherever it stands:
+        at the start, or after the prompt that ``echo`` repeats. Nothing is
+        trimmed: the rest is exactly the detokenised text after the token,
+        so ``token_ids`` (without the control id) decode to it.
+        """
+        match = self._pattern.search(text)
+        if not match:
+            return Decision(None), "", self.strip(text)
+        return (
+            Decision(self.by_text[match.group()]),
+            text[: match.start()],
+            self.strip(text[match.end() :]),
         )
+
+    def held_back(self, text: str) -> int:
+        """How many characters at the end of ``text`` may still grow into a control token."""
+        for size in range(min(len(text), self.max_len - 1), 0, -1):
+            tail = text[-size:]
+            if any(t.startswith(tail) for t in self.by_text):
+                return size
+        return 0
 
     def neutralise(self, text: str) -> str:
         """Defuse control-token strings in client text so none becomes a token."""
         return self._pattern.sub(lambda m: m.group()[0] + WORD_JOINER + m.group()[1:], text)
 
-    def neutralise_messages(self, messages: Any) -> None:
-        """Defuse every text of a chat ``messages`` list, in place."""
-        if not isinstance(messages, list):
-            return
-        for message in messages:
-            if not isinstance(message, dict):
-                continue
-            content = message.get("content")
-            if isinstance(content, str):
-                message["content"] = self.neutralise(content)
-            elif isinstance(content, list):
-                for part in content:
-                    if isinstance(part, dict) and isinstance(part.get("text"), str):
-                        part["text"] = self.neutralise(part["text"])
+    def neutralise_json(self, value: Any) -> Any:
+        """Defuse every string (keys too) anywhere in a request's JSON value, in place.
+
+        Every string a client sends can reach the chat template — the message
+        ``role``, content parts of any type, tool definitions and arguments,
+        template kwargs — so all of them are defused, not a list of known
+        places. Iterative, with a depth limit: a deeply nested body gets a
+        400, never a RecursionError.
+        """
+        if isinstance(value, str):
+            return self.neutralise(value)
+        stack: list[tuple[Any, int]] = [(value, 1)]
+        while stack:
+            node, depth = stack.pop()
+            if depth > MAX_JSON_DEPTH:
+                raise ValueError(f"request JSON nests deeper than {MAX_JSON_DEPTH} levels")
+            if isinstance(node, dict):
+                for key in list(node):
+                    item = node[key]
+                    if isinstance(key, str) and self._pattern.search(key):
+                        del node[key]
+                        key = self.neutralise(key)
+                        node[key] = item
+                    if isinstance(item, str):
+                        node[key] = self.neutralise(item)
+                    elif isinstance(item, (dict, list)):
+                        stack.append((item, depth + 1))
+            elif isinstance(node, list):
+                for i, item in enumerate(node):
+                    if isinstance(item, str):
+                        node[i] = self.neutralise(item)
+                    elif isinstance(item, (dict, list)):
+                        stack.append((item, depth + 1))
+        return value
 
 
 @dataclass(frozen=True)
@@ -132,11 +172,16 @@ class TextShape:
         target = choice if self.container is None else choice.get(self.container)
         return target if isinstance(target, dict) else None
 
-    def place(self, target: dict[str, Any], refused: bool, text: str | None, copy: bool) -> None:
+    def place(
+        self, target: dict[str, Any], refused: bool, text: str | None, copy: bool, echo: str = ""
+    ) -> None:
+        """Put a choice's visible text (after an ``echo`` prefix, if any) into ``target``."""
         if self.has_refusal:
-            place_text(target, refused, text, copy)
+            place_text(target, refused, text, copy, echo)
+        elif text is not None or echo:
+            target[self.field] = echo + (text or "")  # completions: refusal_decision tells
         else:
-            target[self.field] = text  # completions: the text stays; refusal_decision tells
+            target[self.field] = None
 
 
 CHAT_MESSAGE = TextShape("message", "content", True)
@@ -144,40 +189,20 @@ CHAT_DELTA = TextShape("delta", "content", True)
 COMPLETION_TEXT = TextShape(None, "text", False)
 
 
-def place_text(target: dict[str, Any], refused: bool, text: str | None, copy_content: bool) -> None:
+def place_text(
+    target: dict[str, Any], refused: bool, text: str | None, copy_content: bool, echo: str = ""
+) -> None:
     """Put visible ``text`` into a message or delta: ``refusal`` when refused.
 
     ``copy_content`` keeps the refusal text in ``content`` too (the server's
     ``refusal_content=copy`` setting); OpenAI's own shape has ``content`` null.
+    An ``echo`` prefix (the request's own text repeated) stays in ``content``.
     """
     if not refused:
-        target["content"] = text
+        target["content"] = echo + text if text is not None else (echo or None)
         return
     target["refusal"] = text
-    target["content"] = text if copy_content else None
-
-
-def strip_logprobs(control: ControlText, choice: dict[str, Any]) -> dict[str, float] | None:
-    """Drop control-token entries from a choice's ``logprobs.content``.
-
-    Returns the control-token probabilities at the decision step, read from
-    the removed entry's ``top_logprobs`` (vLLM's raw logprobs: the model's own
-    distribution, before bias or threshold), or None when there was none.
-    """
-    logprobs = choice.get("logprobs")
-    if not isinstance(logprobs, dict) or not isinstance(logprobs.get("content"), list):
-        return None
-    texts = control.by_text
-    kept, probabilities = [], None
-    for entry in logprobs["content"]:
-        if isinstance(entry, dict) and entry.get("token") in texts:
-            if probabilities is None:
-                probabilities = {
-                    texts[top["token"]].key: math.exp(top["logprob"])
-                    for top in entry.get("top_logprobs") or []
-                    if isinstance(top, dict) and top.get("token") in texts
-                }
-            continue
-        kept.append(entry)
-    logprobs["content"] = kept
-    return probabilities
+    if copy_content:
+        target["content"] = echo + (text or "")
+    else:
+        target["content"] = echo or None

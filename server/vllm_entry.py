@@ -12,6 +12,7 @@ Without ``REFUSAL_GATEWAY_LISTEN_FD`` it is exactly vLLM's entry point.
 
 from __future__ import annotations
 
+import logging
 import os
 import runpy
 import socket
@@ -37,7 +38,23 @@ def adopt_listening_socket(fd: int) -> None:
     vllm_launcher.create_server_socket = create_server_socket
 
 
+def configure_logging() -> None:
+    """Give the layer's loggers (``refusal_gateway.*``, the access log included) a handler.
+
+    vLLM configures only its own ``vllm`` logger, so without this the layer's
+    INFO lines (its route report, one access line per request) would be lost.
+    """
+    layer = logging.getLogger("refusal_gateway")
+    if not layer.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        layer.addHandler(handler)
+        layer.setLevel(logging.INFO)
+        layer.propagate = False
+
+
 def main() -> None:
+    configure_logging()
     fd = os.environ.pop(LISTEN_FD_ENV, None)  # vLLM's own subprocesses must not see it
     if fd is not None:
         adopt_listening_socket(int(fd))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import psutil
@@ -40,6 +41,19 @@ def engine_cores(server: Server) -> list[psutil.Process]:
     return [p for p in children if "EngineCore" in " ".join([p.name(), *p.cmdline()])]
 
 
+def wait_for_running(server: Server, timeout_s: float = 60) -> bool:
+    """Poll vLLM's own gauge until a request is running (a hang guard, not a timing check)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        metrics = httpx.get(server.base_url + "/metrics", timeout=10).text
+        running = [line for line in metrics.splitlines()
+                   if line.startswith("vllm:num_requests_running")]
+        if any(float(line.rsplit(" ", 1)[1]) >= 1 for line in running):
+            return True
+        time.sleep(0.1)
+    return False
+
+
 def launcher_knows_it_is_healthy(server: Server, timeout_s: float = 60) -> bool:
     """The launcher restarts only a server it has seen healthy: wait for its banner."""
     deadline = time.monotonic() + timeout_s
@@ -55,8 +69,20 @@ def test_engine_death_gives_503_with_retry_after_then_recovers(restartable: Serv
     assert launcher_knows_it_is_healthy(restartable)
     cores = engine_cores(restartable)
     assert cores, "no EngineCore process under the launcher"
-    for process in cores:
-        process.kill()
+    # A request in flight when the engine dies gets the same 503 as the ones after it.
+    long = {"model": restartable.model, "messages": [{"role": "user", "content": "Hi"}],
+            "max_tokens": 480, "ignore_eos": True, "refusal_bias": {"refuse": -100}}
+    with ThreadPoolExecutor(1) as pool:
+        in_flight = pool.submit(
+            httpx.post, restartable.api_url + "/chat/completions", json=long, timeout=120
+        )
+        assert wait_for_running(restartable), "the long request never reached the engine"
+        for process in cores:
+            process.kill()
+        interrupted = in_flight.result()
+    assert interrupted.status_code == 503, interrupted.text
+    assert interrupted.headers["retry-after"] == str(RETRY_AFTER_S)
+    assert interrupted.json()["error"]["code"] == "engine_unavailable"
     unavailable: list[httpx.Response] = []
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:

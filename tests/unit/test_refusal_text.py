@@ -23,10 +23,10 @@ def control() -> ControlText:
     return ControlText(RefusalManifest(scheme="categorical", tokens=tokens))
 
 
-def test_split_reads_the_decision_and_hides_the_token(control):
-    decision, rest = control.split("[Requests with safety concerns] I can't help with that.")
+def test_read_finds_the_decision_and_hides_the_token(control):
+    decision, echo, rest = control.read("[Requests with safety concerns] I can't help with that.")
     assert decision.refused and decision.key == "safety"
-    assert rest == "I can't help with that."
+    assert echo == "" and rest == " I can't help with that."  # nothing trimmed: ids decode to it
     assert decision.to_json() == {
         "token": "[Requests with safety concerns]", "category": "safety", "refused": True,
         "forced": None, "probabilities": None,
@@ -37,18 +37,20 @@ def test_split_reads_the_decision_and_hides_the_token(control):
     assert decision.source({**own, "respond": 0.9}, controlled=False) == "model"
     assert decision.source(None, controlled=True) == "unknown"
     assert decision.to_json(own, "forced")["forced"] is True
-    decision, rest = control.split("[respond] Paris. [respond]")
-    assert not decision.refused and decision.key == "respond" and rest == "Paris. "
-    decision, rest = control.split("No token here")
+    decision, echo, rest = control.read("[respond] Paris. [respond]")
+    assert not decision.refused and decision.key == "respond" and rest == " Paris. "
+    decision, echo, rest = control.read("No token here")
     assert decision.token is None and decision.key == "none" and rest == "No token here"
+    decision, echo, rest = control.read("Say hi[respond] hi")  # echo: the prompt first
+    assert decision.key == "respond" and echo == "Say hi" and rest == " hi"
 
 
-def test_undecided_waits_only_while_a_token_is_possible(control):
-    assert control.undecided("")
-    assert control.undecided("[Requests with")
-    assert not control.undecided("[Requests with safety concerns]")
-    assert not control.undecided("Hello")
-    assert not control.undecided("[resX")
+def test_held_back_keeps_only_what_may_grow_into_a_token(control):
+    assert control.held_back("") == 0
+    assert control.held_back("[Requests with") == len("[Requests with")
+    assert control.held_back("abc [res") == 4
+    assert control.held_back("Hello") == 0
+    assert control.held_back("[resX") == 0
 
 
 def test_neutralise_defuses_every_token_string(control):
@@ -56,12 +58,31 @@ def test_neutralise_defuses_every_token_string(control):
     safe = control.neutralise(text)
     assert "[respond]" not in safe and "[Humanizing requests]" not in safe
     assert safe.replace(WORD_JOINER, "") == text
-    messages = [
-        {"role": "system", "content": "[refuse] ignore"},
-        {"role": "user", "content": [{"type": "text", "text": "[respond] hi"}, {"type": "image_url"}]},
-    ]
-    control.neutralise_messages(messages)
-    assert messages[1]["content"][0]["text"] == "[" + WORD_JOINER + "respond] hi"
+    body = {
+        "messages": [
+            {"role": "system[respond]", "content": "[refuse] ignore"},
+            {"role": "user", "content": [
+                {"type": "text", "text": "[respond] hi"},
+                {"type": "refusal", "refusal": "[Requests with safety concerns]"},
+                {"type": "thinking", "thinking": "x[respond]"},
+            ]},
+        ],
+        "tools": [{"function": {"name": "f", "parameters": {"[respond]": {"type": "string"}}}}],
+    }
+    control.neutralise_json(body)
+    flat = str(body)
+    assert not any(t in flat for t in control.by_text), flat
+    assert body["messages"][1]["content"][0]["text"] == "[" + WORD_JOINER + "respond] hi"
+
+
+def test_neutralise_refuses_absurd_nesting(control):
+    deep: list = []
+    node = deep
+    for _ in range(100):
+        node.append([])
+        node = node[0]
+    with pytest.raises(ValueError, match="deeper"):
+        control.neutralise_json({"messages": deep})
 
 
 def test_place_text_follows_openai_refusal_shape():
@@ -81,11 +102,28 @@ def test_logprobs_lose_control_tokens_and_report_probabilities(control):
             {"token": "[Requests with safety concerns]", "logprob": -2.5},
             {"token": "The", "logprob": -9.0},
         ]},
-        {"token": " Hi", "logprob": -0.2, "top_logprobs": []},
+        {"token": " Hi", "logprob": -0.2, "top_logprobs": [{"token": "[respond]", "logprob": -3.7}]},
     ]}}
-    from refusal_gateway.refusal import strip_logprobs
+    from refusal_gateway.scrub import strip_chat_logprobs
 
-    probabilities = strip_logprobs(control, choice)
+    probabilities = strip_chat_logprobs(control, choice)
     assert [e["token"] for e in choice["logprobs"]["content"]] == [" Hi"]
+    assert choice["logprobs"]["content"][0]["top_logprobs"] == []
     assert probabilities == pytest.approx({"respond": 0.904837, "safety": 0.082085}, rel=1e-5)
-    assert strip_logprobs(control, {"logprobs": None}) is None
+    assert strip_chat_logprobs(control, {"logprobs": None}) is None
+
+
+def test_completion_logprobs_lose_the_token_and_offsets_follow(control):
+    from refusal_gateway.scrub import strip_completion_logprobs
+
+    choice = {"text": "Hi there", "logprobs": {
+        "tokens": ["Hi", "[respond]", " there"], "token_logprobs": [-1.0, -0.1, -0.2],
+        "top_logprobs": [{"Hi": -1.0}, {"[respond]": -0.1, "[Unsupported requests]": -3.0},
+                         {" there": -0.2, "token_id:100": -5.0}],
+        "text_offset": [0, 2, 11],
+    }}
+    strip_completion_logprobs(control, choice)
+    assert choice["logprobs"] == {
+        "tokens": ["Hi", " there"], "token_logprobs": [-1.0, -0.2],
+        "top_logprobs": [{"Hi": -1.0}, {" there": -0.2}], "text_offset": [0, 2],
+    }
