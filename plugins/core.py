@@ -169,7 +169,7 @@ class RefusalTable:
             for col in self._columns.get(key, ()):
                 h["threshold"][slot, col] = _clamp(params.threshold[key], 0.0, 1.0, math.nan)
         temperature = _clamp(
-            params.temperature, MIN_TEMPERATURE, MAX_TEMPERATURE, DEFAULT_TEMPERATURE
+            params.effective_temperature, MIN_TEMPERATURE, MAX_TEMPERATURE, DEFAULT_TEMPERATURE
         )
         h["inv_temp"][slot] = 1.0 / temperature
         h["active"][slot] = True

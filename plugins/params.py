@@ -64,10 +64,15 @@ class RefusalParams:
 
     bias: Mapping[str, float] = field(default_factory=dict)
     threshold: Mapping[str, float] = field(default_factory=dict)
-    temperature: float = DEFAULT_TEMPERATURE
+    #: None: not given (the default applies, and a profile's own value survives a merge).
+    temperature: float | None = None
     decide: bool = False
     report_to: str | None = None
     report_id: str | None = None
+
+    @property
+    def effective_temperature(self) -> float:
+        return DEFAULT_TEMPERATURE if self.temperature is None else self.temperature
 
     @property
     def active(self) -> bool:
@@ -148,7 +153,7 @@ def parse_refusal_params(extra_args: Mapping[str, Any] | None) -> RefusalParams:
         return RefusalParams()
     bias = _per_key(BIAS_FIELD, grouped.get(BIAS_FIELD, {}), -BIAS_LIMIT, BIAS_LIMIT)
     threshold = _per_key(THRESHOLD_FIELD, grouped.get(THRESHOLD_FIELD, {}), 0.0, 1.0)
-    temperature = DEFAULT_TEMPERATURE
+    temperature = None
     if TEMPERATURE_FIELD in grouped:
         temperature = _number(
             TEMPERATURE_FIELD, grouped[TEMPERATURE_FIELD], MIN_TEMPERATURE, MAX_TEMPERATURE
@@ -211,7 +216,7 @@ def flatten_refusal_params(params: RefusalParams) -> dict[str, float | str]:
     """The ``vllm_xargs`` form of ``params`` (flat ``field.key`` scalars)."""
     flat: dict[str, float | str] = {f"{BIAS_FIELD}.{k}": v for k, v in params.bias.items()}
     flat.update({f"{THRESHOLD_FIELD}.{k}": v for k, v in params.threshold.items()})
-    if params.active and params.temperature != DEFAULT_TEMPERATURE:
+    if params.active and params.temperature is not None:
         flat[TEMPERATURE_FIELD] = params.temperature
     if params.decide:
         flat[DECIDE_FIELD] = 1

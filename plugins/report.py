@@ -19,9 +19,7 @@ copy has landed, so no decoding step waits for it.
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import queue
 import socket
 import threading
@@ -30,25 +28,12 @@ from collections.abc import Sequence
 
 import torch
 
-from .params import REPORT_ADDRESS_PREFIX
+from .wire import encode, socket_address
 
 logger = logging.getLogger(__name__)
 
 #: A report: destination address and id, one per decision row.
 Target = tuple[str, str]
-
-
-def socket_address(name: str) -> str:
-    """``@name`` (what travels in a request) -> the abstract socket address."""
-    if not name.startswith(REPORT_ADDRESS_PREFIX):
-        raise ValueError(f"not an abstract socket name: {name!r}")
-    return "\0" + name[len(REPORT_ADDRESS_PREFIX) :]
-
-
-def encode(entries: Sequence[tuple[str, Sequence[float]]]) -> bytes:
-    """One datagram: ``{"reports": [[id, [p_0, ..., p_K-1]], ...]}`` in manifest order."""
-    clean = [[rid, [p if math.isfinite(p) else 0.0 for p in probs]] for rid, probs in entries]
-    return json.dumps({"reports": clean}, separators=(",", ":")).encode()
 
 
 def control_probabilities(

@@ -205,7 +205,8 @@ def _merge(base: RefusalParams, request: RefusalParams) -> RefusalParams:
         merged = parse_refusal_params({BIAS_FIELD: bias, THRESHOLD_FIELD: {**base.threshold, **request.threshold}})
     except RefusalParamError as e:
         raise bad_request(f"profile plus request: {e}", param=e.param) from None
-    temperature = request.temperature if request.temperature != 1.0 else base.temperature
+    # None means "not given": a request's explicit 1.0 overrides the profile's temperature.
+    temperature = request.temperature if request.temperature is not None else base.temperature
     return RefusalParams(merged.bias, merged.threshold, temperature, request.decide)
 
 

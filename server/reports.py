@@ -13,13 +13,12 @@ every request, and decisions say ``forced: null`` / ``source="unknown"``.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import socket
 import time
 import uuid
 
-from refusal_plugins.report import socket_address
+from refusal_plugins.wire import decode, socket_address
 
 logger = logging.getLogger(__name__)
 
@@ -68,14 +67,12 @@ class DecisionInbox:
 
     def _accept(self, data: bytes) -> None:
         try:
-            entries = json.loads(data)["reports"]
-        except (ValueError, KeyError, TypeError):
+            entries = decode(data, len(self.keys))
+        except ValueError:
             logger.warning("malformed decision report dropped")
             return
         now = time.monotonic()
         for report_id, probabilities in entries:
-            if len(probabilities) != len(self.keys):
-                continue
             self._reports[report_id] = (now, dict(zip(self.keys, probabilities, strict=True)))
             waiter = self._waiters.pop(report_id, None)
             if waiter is not None and not waiter.done():

@@ -39,12 +39,29 @@ def test_precedence_default_profile_then_request(policy):
     assert params.threshold == {"safety": 0.6}  # a request's threshold replaces the profile's
 
 
+def test_a_requests_own_temperature_overrides_the_profiles_even_at_one():
+    """1.0 is a value like any other: only an absent temperature keeps the profile's."""
+    from refusal_plugins.params import parse_refusal_params
+
+    policy = Policy(PolicyFile.model_validate(
+        {"profiles": {"sharp": {"refusal_threshold": 0.5, "refusal_temperature": 0.25}}}))
+    given = parse_refusal_params({"refusal_temperature": 1.0})
+    params, _ = policy.resolve("sharp", given, None)
+    assert params.temperature == 1.0
+    params, _ = policy.resolve("sharp", parse_refusal_params({}), None)
+    assert params.temperature == 0.25
+    params, _ = policy.resolve(None, parse_refusal_params({}), None)
+    assert params.temperature is None and params.effective_temperature == 1.0
+
+
 def test_unknown_profile_is_a_400(policy):
     with pytest.raises(GatewayError) as info:
         policy.resolve("lenient", RefusalParams(), None)
     assert info.value.status == 400 and info.value.param == "refusal_profile"
-    with pytest.raises(GatewayError):
-        policy.resolve(3, RefusalParams(), None)
+    for bad in (3, ""):  # an empty name must not fall back to the default profile silently
+        with pytest.raises(GatewayError) as info:
+            policy.resolve(bad, RefusalParams(), None)
+        assert info.value.status == 400 and info.value.param == "refusal_profile"
 
 
 def test_keys_authenticate_by_hash(policy):
