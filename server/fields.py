@@ -42,7 +42,7 @@ REFUSED: dict[str, str] = {
     "return_token_offsets": "token offsets would count the hidden control token",
 }
 #: Fields refused only when true-ish (false/null are the default and harmless).
-REFUSED_WHEN_SET = frozenset({"use_beam_search", "return_token_offsets"})
+REFUSED_WHEN_SET = frozenset({"use_beam_search", "return_token_offsets", "prompt_embeds"})
 
 #: Fields the layer reads or rewrites itself (see protocol.py).
 CHECKED = frozenset({

@@ -258,7 +258,7 @@ class Gateway:
                 decision.refused,
                 specials.strip(rest) if text is not None else None,
                 self.copy_content,
-                echo=specials.strip(echo),
+                echo=echo,  # the prompt, as vLLM repeats it: its special tokens stay
             )
 
     def stream_rewriter(

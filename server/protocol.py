@@ -252,9 +252,11 @@ def completion_prompts(prompt: Any) -> list[str | list[int]]:
     ids, so a control-token id could reach the model that way: only JSON
     integers count as ids here.
     """
+    if prompt is None or prompt == []:
+        return []  # nothing to check: vLLM answers its own 400 ("at least one prompt")
     if isinstance(prompt, str):
         return [prompt]
-    if isinstance(prompt, list) and prompt:
+    if isinstance(prompt, list):
         if all(isinstance(p, str) for p in prompt):
             return list(prompt)
         if _token_ids(prompt):
@@ -295,5 +297,6 @@ def prepare_completion_request(
             if p and min(p) < 0:
                 raise bad_request("prompt token ids must not be negative", param="prompt")
     return _prepare(
-        body, "completion", manifest, control, policy, key, prompts=len(prompts), report=report
+        body, "completion", manifest, control, policy, key, prompts=max(1, len(prompts)),
+        report=report,
     )

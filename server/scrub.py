@@ -143,8 +143,7 @@ def strip_completion_logprobs(control: ControlText, choice: dict[str, Any]) -> N
 def _control_length(control: ControlText, token: str) -> int:
     if token in control.by_text:
         return len(token)
-    key_id = int(token.removeprefix("token_id:"))
-    return next(len(t.text) for t in control.manifest.tokens if t.id == key_id)
+    return len(control.manifest.by_id()[int(token.removeprefix("token_id:"))].text)
 
 
 def strip_prompt_logprobs(control: ControlText, holder: dict[str, Any]) -> None:

@@ -127,7 +127,8 @@ class StreamRewriter:
                 # Not decided yet: send what cannot be part of a token, hold the rest.
                 self._held[index] = held[len(held) - keep :]
                 if self._shape.field in delta or held[: len(held) - keep]:
-                    delta[self._shape.field] = self._specials.strip(held[: len(held) - keep])
+                    # Before the decision: the prompt as ``echo`` repeats it, specials and all.
+                    delta[self._shape.field] = held[: len(held) - keep]
                 return
         del self._held[index]
         choice["refusal_decision"] = self._on_decision(
@@ -140,5 +141,5 @@ class StreamRewriter:
             decision.refused,
             self._specials.strip(rest),
             self._copy,
-            echo=self._specials.strip(echo),
+            echo=echo,
         )

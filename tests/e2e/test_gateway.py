@@ -16,6 +16,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from refusal_plugins.vocab import COCONOT_CATEGORIES, RefusalManifest
 
+from . import checks
+
 pytestmark = pytest.mark.e2e
 
 CATEGORIES = sorted(COCONOT_CATEGORIES)
@@ -105,9 +107,14 @@ def test_first_token_is_a_control_token_and_never_again(server, client):
         model=server.model, messages=PROMPT, max_tokens=24, n=4, temperature=1.5, seed=7,
         extra_body={"return_token_ids": True},
     )
+    # The layer reads the decision, then takes the control id out of token_ids; vLLM's usage
+    # still counts every generated token, so exactly one control token per choice was made.
+    kept = 0
     for choice in reply.choices:
         tokens = choice.model_extra["token_ids"]
-        assert tokens[0] in ids and not ids.intersection(tokens[1:])
+        assert decision(choice)["token"] is not None and not ids.intersection(tokens)
+        kept += len(tokens)
+    assert reply.usage.completion_tokens == kept + len(reply.choices) == kept + 4
 
 
 def test_user_text_cannot_inject_a_control_token(server, client):
@@ -123,24 +130,40 @@ def test_user_text_cannot_inject_a_control_token(server, client):
 
 
 def test_decision_reports_the_models_own_probabilities(server, client):
-    # The engine's report (sent by the processor) against vLLM's own raw logprobs.
+    """The reported probabilities are the model's own, checked against an independent oracle.
+
+    The oracle is the same model run offline with transformers (checks.ModelOracle):
+    the prompt rendered with the tokenizer's chat template, float32 logits at the
+    decision position, softmax over the whole vocabulary. vLLM's CPU kernels and
+    transformers' eager ones differ by float32 rounding (~1e-6 on these
+    probabilities), far inside the 1e-4 tolerance; a report from the wrong row,
+    position, bias stage or temperature is off by far more.
+    """
+    oracle = checks.oracle_for(server.model_dir)
+    expected = oracle.probabilities(PROMPT[0]["content"])
+    manifest = RefusalManifest.load(server.model_dir)
+    by_text = {t.text: t.key for t in manifest.tokens}
+    # A plain decision (no refusal controls), with vLLM's logprobs asked for.
     reply = client.chat.completions.create(
-        model=server.model, messages=PROMPT, max_tokens=8, logprobs=True, top_logprobs=20,
-        extra_body={"refusal_bias": {"humanizing": 100.0}},
+        model=server.model, messages=PROMPT, max_tokens=8, temperature=0.0,
+        logprobs=True, top_logprobs=20, extra_body={"return_token_ids": True},
     )
+    # The oracle saw exactly the prompt the engine saw.
+    assert reply.model_extra["prompt_token_ids"] == oracle.prompt_ids(PROMPT[0]["content"])
     choice = reply.choices[0]
     reported = decision(choice)["probabilities"]
     assert set(reported) == {"respond", *CATEGORIES}
-    assert 0.0 <= sum(reported.values()) <= 1.0 + 1e-5
-    manifest = RefusalManifest.load(server.model_dir)
-    by_text = {t.text: t.key for t in manifest.tokens}
+    assert reported == pytest.approx(expected, abs=1e-4), (reported, expected)
+    # Greedy and restricted to control tokens: the emitted one is the oracle's top
+    # (or tied with it within float noise), and nothing was forced.
+    emitted = decision(choice)["category"] or "respond"
+    assert expected[emitted] >= max(expected.values()) - checks.TIE, (decision(choice), expected)
+    assert decision(choice)["forced"] is False
     # The control token itself is hidden from the client's logprobs ...
-    assert all(e.token not in by_text for e in choice.logprobs.content)
-    # ... and, asked without logprobs, the same prompt reports the same numbers.
-    again = client.chat.completions.create(
-        model=server.model, messages=PROMPT, max_tokens=1, extra_body={"refusal_bias": {"humanizing": 100.0}},
-    )
-    assert decision(again.choices[0])["probabilities"] == pytest.approx(reported, abs=1e-4)
+    assert choice.logprobs.content and all(e.token not in by_text for e in choice.logprobs.content)
+    # ... and, asked without logprobs (the engine's report alone), the numbers are the same.
+    again = client.chat.completions.create(model=server.model, messages=PROMPT, max_tokens=1)
+    assert decision(again.choices[0])["probabilities"] == pytest.approx(expected, abs=1e-4)
 
 
 def test_forced_says_whether_the_controls_changed_the_models_choice(server, client):
@@ -211,12 +234,18 @@ def test_text_completions_carry_the_decision(server, client, stream):
     assert text.strip() and "[" not in text
 
 
-def test_structured_output_mask_wins_over_the_refusal_controls(server, client):
-    """JSON mode forbids control tokens at position 0: nothing forced, nothing revived, no crash."""
+def test_structured_output_takes_no_refusal_controls(server, client):
+    """JSON mode forbids control tokens at position 0: with controls it is a 400 (they would be
+    ignored silently); without, the grammar wins, nothing is revived, decision ``none``."""
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(
+            model=server.model, messages=PROMPT, max_tokens=8,
+            response_format={"type": "json_object"},
+            extra_body={"refusal_bias": {"safety": 100.0}, "refusal_threshold": 0.0},
+        )
+    assert info.value.body["param"] == "response_format"
     reply = client.chat.completions.create(
-        model=server.model, messages=PROMPT, max_tokens=8,
-        response_format={"type": "json_object"},
-        extra_body={"refusal_bias": {"safety": 100.0}, "refusal_threshold": 0.0},
+        model=server.model, messages=PROMPT, max_tokens=8, response_format={"type": "json_object"},
     )
     choice = reply.choices[0]
     assert decision(choice) | {"probabilities": None} == {
@@ -238,12 +267,17 @@ def vllm_series(server, name: str) -> float:
 def test_client_disconnect_still_cancels_the_engine_request(server):
     """The layer wraps receive/send; vLLM must still see the disconnect and abort.
 
-    Deterministic: a request that ran to its end adds exactly 450 generated
-    tokens; an aborted one stops far short of that.
+    By counting, not timing: a request that runs to its end adds exactly
+    ``max_tokens`` generated tokens, an aborted one stops short of that. The client
+    disconnects right after the first event (the engine has decided and is
+    decoding), that many engine steps before the request could end on its own;
+    the wait afterwards is a hang guard that only runs out if the engine never
+    settles.
     """
+    max_tokens = 480  # + the prompt: within the server's --max-model-len 512
     generated = vllm_series(server, "vllm:generation_tokens_total")
     body = {
-        "model": server.model, "messages": PROMPT, "max_tokens": 450, "stream": True,
+        "model": server.model, "messages": PROMPT, "max_tokens": max_tokens, "stream": True,
         "ignore_eos": True, "refusal_bias": {"safety": -100.0},
     }
     with httpx.Client(timeout=60) as http:
@@ -251,9 +285,15 @@ def test_client_disconnect_still_cancels_the_engine_request(server):
             lines = response.iter_lines()
             assert next(lines).startswith("data: ")  # generation has started
         # Leaving the block closes the connection mid-stream.
-    deadline = time.monotonic() + 60
-    time.sleep(0.5)
-    while vllm_series(server, "vllm:num_requests_running") > 0 and time.monotonic() < deadline:
+    # The engine settles: nothing running, and the count no longer moves (hang guard only).
+    deadline = time.monotonic() + 300
+    last = None
+    while True:
+        running = vllm_series(server, "vllm:num_requests_running")
+        now = vllm_series(server, "vllm:generation_tokens_total")
+        if running == 0 and now == last:
+            break
+        assert time.monotonic() < deadline, ("the engine never settled", running, now)
+        last = now
         time.sleep(0.2)
-    assert vllm_series(server, "vllm:num_requests_running") == 0
-    assert vllm_series(server, "vllm:generation_tokens_total") - generated < 300
+    assert 1 <= now - generated < max_tokens  # started, then aborted before its end

@@ -98,7 +98,7 @@ async def test_harmless_use_of_the_same_fields_passes():
 
 
 @pytest.mark.parametrize(
-    "prompt", [[3, 300, 104.0], [3, 300, "104"], [3, True], [[3], "x"], [], {"a": 1}, [3, -1]])
+    "prompt", [[3, 300, 104.0], [3, 300, "104"], [3, True], [[3], "x"], {"a": 1}, [3, -1]])
 async def test_completion_prompts_take_only_strict_shapes(prompt):
     _, http, fake, _ = build("[respond] hi")
     response = await http.post("/v1/completions", json={"model": MODEL, "prompt": prompt})
