@@ -36,8 +36,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from refusal_plugins.params import (
     BIAS_FIELD,
+    BIAS_LIMIT,
     THRESHOLD_FIELD,
-    RefusalParamError,
     RefusalParams,
     parse_refusal_params,
 )
@@ -197,17 +197,24 @@ class Policy:
 
 
 def _merge(base: RefusalParams, request: RefusalParams) -> RefusalParams:
+    """Profile then request, as objects: biases add up, a given threshold or temperature wins.
+
+    Both sides were validated when they were parsed; only a sum of biases can
+    leave the allowed range, so that is the one check here.
+    """
     bias = dict(base.bias)
-    for k, v in request.bias.items():
-        bias[k] = bias.get(k, 0.0) + v
-    try:
-        # Re-validate: the sum must stay in range, like any request.
-        merged = parse_refusal_params({BIAS_FIELD: bias, THRESHOLD_FIELD: {**base.threshold, **request.threshold}})
-    except RefusalParamError as e:
-        raise bad_request(f"profile plus request: {e}", param=e.param) from None
+    for key, value in request.bias.items():
+        total = bias.get(key, 0.0) + value
+        if not -BIAS_LIMIT <= total <= BIAS_LIMIT:
+            raise bad_request(
+                f"profile plus request: {BIAS_FIELD}.{key} adds up to {total:g}, outside "
+                f"[-{BIAS_LIMIT:g}, {BIAS_LIMIT:g}]",
+                param=f"{BIAS_FIELD}.{key}",
+            )
+        bias[key] = total
     # None means "not given": a request's explicit 1.0 overrides the profile's temperature.
     temperature = request.temperature if request.temperature is not None else base.temperature
-    return RefusalParams(merged.bias, merged.threshold, temperature, request.decide)
+    return RefusalParams(bias, {**base.threshold, **request.threshold}, temperature, request.decide)
 
 
 def _effective(values: Mapping[str, float], key: str) -> float | None:
