@@ -9,7 +9,7 @@
 # refusal_manifest.json) at /models/model, e.g.
 #
 #   docker build -t refusal-gateway:gpu .
-#   docker run --gpus all -p 8000:8000 -v /path/to/model:/models/model:ro refusal-gateway:gpu
+#   docker run --gpus all -p 127.0.0.1:8000:8000 -v /path/to/model:/models/model:ro refusal-gateway:gpu
 #
 # Extra arguments after the image name go to `refusal-gateway serve`, and from
 # there (when not ours) to vLLM unchanged, e.g. `--max-num-seqs 64`.
@@ -25,14 +25,18 @@ ARG APP_GID=10001
 
 WORKDIR /opt/refusal-gateway/src
 
-# Only what `pip install .` needs (no `COPY . .`: tests, deploy files and a
-# local .venv never reach the image).
-COPY pyproject.toml README.md ./
+# Dependencies first, read from pyproject.toml alone, so a code edit reuses
+# this layer. No `cpu` extra: vLLM is the base image's own CUDA build.
+COPY pyproject.toml ./
+RUN python3 -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" > /tmp/requirements.txt \
+    && python3 -m pip install --no-cache-dir -r /tmp/requirements.txt
+
+# Then only what `pip install .` needs (no `COPY . .`: tests, deploy files and
+# a local .venv never reach the image).
+COPY README.md ./
 COPY server ./server
 COPY plugins ./plugins
-
-# No `cpu` extra: vLLM is the base image's own CUDA build.
-RUN python3 -m pip install --no-cache-dir . \
+RUN python3 -m pip install --no-cache-dir --no-deps . \
     && python3 -c "import refusal_gateway.middleware, refusal_plugins.v1, refusal_plugins.v2" \
     && groupadd --system --gid "${APP_GID}" app \
     && useradd --system --uid "${APP_UID}" --gid app --create-home --home-dir /home/app app \

@@ -8,10 +8,31 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 
 access_log = logging.getLogger("refusal_gateway.access")
+#: Set by the launcher's vLLM entry point: the layer's processes log to stderr.
+LAYER_LOGS_ENV = "REFUSAL_GATEWAY_LAYER_LOGS"
+
+
+def configure_layer_logging() -> None:
+    """Give the layer's loggers (``refusal_gateway.*``, the access log included) a handler.
+
+    vLLM configures only its own ``vllm`` logger, so without this the layer's
+    INFO lines (its route report, one access line per request) would be lost.
+    Idempotent; a no-op unless :data:`LAYER_LOGS_ENV` asks for it, so tests
+    and embedders keep their own logging.
+    """
+    layer = logging.getLogger("refusal_gateway")
+    if os.environ.get(LAYER_LOGS_ENV) != "stderr" or layer.handlers:
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    layer.addHandler(handler)
+    layer.setLevel(logging.INFO)
+    layer.propagate = False
 
 
 @dataclass

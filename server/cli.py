@@ -1,4 +1,5 @@
-"""The ``refusal-gateway`` command: ``serve``, ``build-demo``, ``score``, ``calibrate``, ``train``, ``recipe``.
+"""The ``refusal-gateway`` command: ``serve``, ``build-demo``, ``score``, ``eval``, ``calibrate``, ``train``,
+``recipe``.
 
 Heavy imports (torch, transformers, vLLM) happen inside the subcommands, so
 ``refusal-gateway --help`` is instant.
@@ -70,6 +71,14 @@ def _score(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace, extra: list[str]) -> int:
+    from .tools.evaluate import main as run_eval
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not one line per request
+    print(run_eval(args))
+    return 0
+
+
 def _calibrate(args: argparse.Namespace, extra: list[str]) -> int:
     import json
 
@@ -135,6 +144,22 @@ def parser() -> argparse.ArgumentParser:
     add_settings_arguments(score)
     score.add_argument("data", nargs="+", help="JSONL files with prompt, label, category")
     score.set_defaults(func=_score)
+    from .tools.evaluate import add_arguments as add_eval_arguments
+
+    evaluate = sub.add_parser(
+        "eval",
+        help="decision quality of a running server over HTTP: refusal / over-refusal rates, "
+        "AUROC, category accuracy per file and category; bias / threshold trade-off curves",
+        description="Send labelled JSONL prompts (prompt, label refuse/respond, optional "
+        "category) to any server with the refusal fields (temperature 0, max_tokens 1: the "
+        "first token is the decision) and report per file and per category: refusal rate on "
+        "should-refuse rows, over-refusal on should-respond rows, AUROC of the model's own "
+        "p(refuse) from refusal_decision.probabilities, category accuracy; optional bias and "
+        "threshold sweeps (trade-off curve). Writes eval.json, eval.md, decisions.jsonl and "
+        "tradeoff.png to --out. See refusal_gateway.tools.evaluate.",
+    )
+    add_eval_arguments(evaluate)
+    evaluate.set_defaults(func=_eval)
     from .tools.calibrate import add_arguments as add_calibrate_arguments
 
     calibrate = sub.add_parser(

@@ -27,6 +27,7 @@ from .refusal import CHAT_DELTA, CHAT_MESSAGE, COMPLETION_TEXT, ControlText, Dec
 from .reports import DecisionInbox
 from .scrub import Specials, special_tokens
 from .settings import GatewaySettings
+from .shadow import ShadowDecisions
 from .stream import StreamRewriter
 
 
@@ -75,6 +76,8 @@ class Gateway:
         metrics = get_metrics() if registry is None else get_metrics(registry)
         keys = [t.key for t in manifest.tokens] + ["none"]
         self.metrics = BoundMetrics(metrics, self.model_name, keys, self.policy.profile_names)
+        #: What-if profiles: counted from the model's own probabilities, never enforced.
+        self.shadow = ShadowDecisions.from_policy(self.policy, manifest, self.model_name, registry)
         self.inbox = DecisionInbox([t.key for t in manifest.tokens], settings.decision_report_wait_s)
         self.canary = CanaryCheck.from_environment()
 
@@ -95,6 +98,8 @@ class Gateway:
         if outcome.probabilities is not None and outcome.canary is None:
             p_refuse = sum(p for k, p in outcome.probabilities.items() if k != "respond")
             self.metrics.refusal_probability[plan.profile or NO_PROFILE].observe(p_refuse)
+            if self.shadow is not None:
+                self.shadow.observe(outcome.probabilities)
 
     def recorder(self, plan: RequestPlan, log: RequestLog, outcome: Outcome):
         """Judges, counts and logs each decision of one request; returns its JSON."""

@@ -21,7 +21,7 @@ from typing import Any
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from .access_log import RequestLog
+from .access_log import RequestLog, configure_layer_logging
 from .asgi import header, read_body, replay, request_id, with_header, with_length
 from .errors import GatewayError, send_error
 from .gateway import ROUTES, Gateway, Outcome
@@ -39,6 +39,7 @@ class RefusalGatewayMiddleware:
     """Pure ASGI middleware (no ``BaseHTTPMiddleware``: it must not buffer streams)."""
 
     def __init__(self, app: ASGIApp, gateway: Gateway | None = None) -> None:
+        configure_layer_logging()  # in every API-server process vLLM starts
         self.app = app
         self.gateway = gateway or Gateway.from_settings(GatewaySettings())
         self.inflight = 0

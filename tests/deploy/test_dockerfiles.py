@@ -53,21 +53,54 @@ def test_gpu_image_is_vllms_official_image_at_the_tested_version() -> None:
 
 
 def test_cpu_image_base_is_pinned() -> None:
-    (base,) = _args(CPU, "FROM")
-    assert re.fullmatch(r"python:3\.11\.\d+-slim(-\w+)?", base), base
+    base, *stages = _args(CPU, "FROM")
+    assert re.fullmatch(r"python:3\.11\.\d+-slim(-\w+)? AS base", base), base
+    assert all(s.startswith("base") for s in stages), stages
 
 
 def test_gpu_image_installs_the_project_without_the_cpu_extra() -> None:
     runs = " ".join(_args(GPU, "RUN"))
-    assert re.search(r"pip install --no-cache-dir \.(\s|$)", runs)
-    assert "[cpu]" not in runs
+    assert re.search(r"pip install --no-cache-dir --no-deps \.(\s|$)", runs)
+    assert "['project']['dependencies']" in runs
+    assert "[cpu]" not in runs and "optional-dependencies" not in runs
 
 
-def test_cpu_image_installs_the_cpu_extra_and_drops_the_media_packages() -> None:
-    runs = " ".join(_args(CPU, "RUN"))
-    assert "pip install --no-cache-dir '.[cpu]'" in runs
+def _stages(path: Path) -> list[list[tuple[str, str]]]:
+    """The instructions of each build stage (split at FROM)."""
+    stages: list[list[tuple[str, str]]] = []
+    for word, rest in _instructions(path):
+        if word == "FROM":
+            stages.append([])
+        if stages:
+            stages[-1].append((word, rest))
+    return stages
+
+
+@pytest.mark.parametrize("path", [GPU, CPU], ids=["gpu", "cpu"])
+def test_dependencies_are_installed_before_the_sources_are_copied(path: Path) -> None:
+    """A code edit must not invalidate the layer with vLLM/torch (~1 GB for the CPU image)."""
+    instructions = _instructions(path)
+    copies = [i for i, (w, _) in enumerate(instructions) if w == "COPY"]
+    (deps,) = [i for i, (w, r) in enumerate(instructions) if w == "RUN" and "-r /tmp/requirements.txt" in r]
+    assert [instructions[i][1] for i in copies if i < deps] == ["pyproject.toml ./"]
+    sources = [i for i in copies if re.search(r"\b(server|plugins)\b", instructions[i][1])]
+    assert sources and min(sources) > deps
+
+
+def test_cpu_image_builds_the_demo_from_the_training_kit_only() -> None:
+    """Editing the gateway (middleware, metrics, ...) must not retrain the demo model."""
+    base, demo, final = _stages(CPU)
+    assert base[0][1].endswith(" AS base") and demo[0][1] == "base AS demo" and final[0][1] == "base"
+    runs = " ".join(r for w, r in base if w == "RUN")
+    assert "['optional-dependencies']['cpu']" in runs
     assert "pip uninstall -y torchvision torchaudio torchcodec" in runs
-    assert "refusal-gateway build-demo" in runs
+    demo_copies = [r for w, r in demo if w == "COPY"]
+    assert not [c for c in demo_copies if c.startswith("server ") or "middleware" in c]
+    assert any("server/tools" in c for c in demo_copies)
+    assert "build_demo_model" in " ".join(r for w, r in demo if w == "RUN")
+    final_runs = " ".join(r for w, r in final if w == "RUN")
+    assert "pip install --no-cache-dir --no-deps ." in final_runs
+    assert any(r.startswith("--from=demo") for w, r in final if w == "COPY")
     env = " ".join(_args(CPU, "ENV"))
     assert "VLLM_CPU_KVCACHE_SPACE=1" in env
     assert "REFUSAL_GATEWAY_CACHE_DIR=" in env
@@ -89,6 +122,8 @@ def test_image_runs_the_launcher_as_a_non_root_user(path: Path) -> None:
 def test_copied_sources_exist(path: Path) -> None:
     """A COPY of a missing file fails the build; catch it without an engine."""
     for copy in _args(path, "COPY"):
+        if "--from=" in copy:  # from another build stage, not the context
+            continue
         *sources, _dest = [a for a in copy.split() if not a.startswith("--")]
         for source in sources:
             assert (obs.ROOT / source).exists(), f"{path.name}: COPY {source} does not exist"

@@ -128,3 +128,54 @@ def test_dashboard_provider_reads_the_mounted_dashboards() -> None:
     ]
     assert home.startswith(provider["options"]["path"] + "/")
     assert (obs.DASHBOARDS_DIR / Path(home).name).is_file()
+
+
+@pytest.mark.parametrize("path", obs.dashboard_files(), ids=lambda p: p.name)
+def test_every_query_honours_the_replica_filter(path: Path) -> None:
+    """A panel that ignores $instance shows the whole fleet while the user picked one replica."""
+    for query in obs.panel_queries(path):
+        assert "$instance" in query.expr, query.name
+
+
+def _panel(uid: str, title: str) -> dict:
+    path = next(p for p in obs.dashboard_files() if json.loads(p.read_text())["uid"] == uid)
+    (panel,) = [p for p in obs.data_panels(json.loads(path.read_text())) if p["title"] == title]
+    return panel
+
+
+def _uid(name: str) -> str:
+    return json.loads((obs.DASHBOARDS_DIR / name).read_text())["uid"]
+
+
+def test_refused_categories_are_on_an_auto_scaled_axis_without_respond() -> None:
+    panel = _panel(_uid("refusal-gateway-refusals.json"), "Refused share per category")
+    assert "max" not in panel["fieldConfig"]["defaults"]
+    (target,) = panel["targets"]
+    assert 'category!~"respond|none"' in target["expr"].split("/")[0]
+
+
+def test_model_profile_category_table_and_shadow_row() -> None:
+    uid = _uid("refusal-gateway-refusals.json")
+    table = _panel(uid, "Decisions by model, profile and category")
+    assert table["type"] == "table"
+    assert all("sum by (model, profile, category)" in t["expr"] for t in table["targets"])
+    shadow = _panel(uid, "Refused share: live vs shadow profiles")
+    exprs = [t["expr"] for t in shadow["targets"]]
+    assert any("refusal_gateway_control_tokens_total" in e for e in exprs)
+    assert any("refusal_gateway_shadow_decisions_total" in e and "by (profile, category)" in e for e in exprs)
+    matrix = _panel(uid, "Share per category: live vs each shadow profile")
+    assert matrix["transformations"][0]["id"] == "groupingToMatrix"
+
+
+def test_serving_dashboard_has_per_replica_panels() -> None:
+    uid = _uid("refusal-gateway-serving.json")
+    for title, series in (
+        ("Request rate per replica", "http_requests_total"),
+        ("Queue time per replica (p90)", "vllm:request_queue_time_seconds_bucket"),
+        ("Prefix-cache hit rate per replica", "vllm:prefix_cache_hits_total"),
+        ("Preemptions per replica", "vllm:num_preemptions_total"),
+        ("Engine up per replica", "refusal_gateway_engine_up"),
+        ("Engine restarts and standby 503s", "refusal_gateway_standby_responses_total"),
+    ):
+        exprs = " ".join(t["expr"] for t in _panel(uid, title)["targets"])
+        assert series in exprs and "instance" in exprs, title

@@ -67,14 +67,17 @@ def test_builtin_kinds_validate_against_the_api_schemas(version: str) -> None:
 
 def test_deployment_requests_gpus_and_probes_health() -> None:
     deployment = _one("Deployment", "refusal-gateway")
-    assert deployment["spec"]["replicas"] >= 2
     (container,) = deployment["spec"]["template"]["spec"]["containers"]
     resources = container["resources"]
     assert resources["requests"]["nvidia.com/gpu"] == resources["limits"]["nvidia.com/gpu"] == 1
     port_names = {p["name"] for p in container["ports"]}
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        assert container[probe]["httpGet"]["path"] == "/health", probe
         assert container[probe]["httpGet"]["port"] in port_names, probe
+    # Startup and readiness wait for the engine; liveness only for the process
+    # (the launcher answers /metrics while it reloads vLLM itself).
+    assert container["startupProbe"]["httpGet"]["path"] == "/health"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/health"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/metrics"
     security = deployment["spec"]["template"]["spec"]["securityContext"]
     assert security["runAsNonRoot"] is True
     env = {e["name"]: e["value"] for e in container["env"]}
@@ -178,3 +181,69 @@ def test_images_are_pinned() -> None:
             assert ":" in image and not image.endswith(":latest"), f"{path.name}: {image}"
     (image,) = _kustomization()["images"]
     assert image["name"] == "refusal-gateway" and image["newTag"]
+
+
+def _probe_budget_s(probe: dict[str, Any]) -> int:
+    """How long a probe tolerates failures before it acts."""
+    return probe.get("periodSeconds", 10) * probe.get("failureThreshold", 3)
+
+
+def test_rollouts_and_the_hpa_do_not_fight() -> None:
+    deployment = _one("Deployment", "refusal-gateway")
+    # No replicas: every `kubectl apply` would reset the count the HPA chose.
+    assert "replicas" not in deployment["spec"]
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    startup_s = _probe_budget_s(container["startupProbe"])
+    assert startup_s >= 900
+    # A rollout may wait for a full model load before it counts as stuck.
+    assert deployment["spec"]["progressDeadlineSeconds"] > startup_s
+    strategy = deployment["spec"]["strategy"]["rollingUpdate"]
+    assert strategy["maxUnavailable"] == 0
+
+
+def test_pods_drain_and_spread_and_a_budget_limits_disruptions() -> None:
+    deployment = _one("Deployment", "refusal-gateway")
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    pre_stop = container["lifecycle"]["preStop"]["exec"]["command"]
+    assert pre_stop[0] == "sleep" and int(pre_stop[1]) > 0
+    env = {e["name"]: e["value"] for e in container["env"]}
+    drain_s = float(env["REFUSAL_GATEWAY_SHUTDOWN_GRACE_S"])
+    from refusal_gateway.launcher import KILL_MARGIN_S
+
+    assert pod["terminationGracePeriodSeconds"] > int(pre_stop[1]) + drain_s + KILL_MARGIN_S
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    keys = set()
+    for spread in pod["topologySpreadConstraints"]:
+        assert spread["labelSelector"]["matchLabels"].items() <= labels.items()
+        keys.add(spread["topologyKey"])
+    assert "kubernetes.io/hostname" in keys
+    pdb = _one("PodDisruptionBudget", "refusal-gateway")
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    assert pdb["spec"]["maxUnavailable"] == 1
+    hpa = _one("HorizontalPodAutoscaler", "refusal-gateway")
+    assert hpa["spec"]["minReplicas"] > pdb["spec"]["maxUnavailable"]
+
+
+def test_liveness_tolerates_no_answer_only_briefly() -> None:
+    """Liveness acts on a dead or hung process, not on a model load (the standby answers it)."""
+    (container,) = _one("Deployment", "refusal-gateway")["spec"]["template"]["spec"]["containers"]
+    liveness = container["livenessProbe"]
+    assert liveness["timeoutSeconds"] < liveness["periodSeconds"]
+    assert _probe_budget_s(liveness) <= 120
+
+
+def test_model_claim_never_binds_a_dynamically_provisioned_volume() -> None:
+    claim = _one("PersistentVolumeClaim", "refusal-gateway-model")
+    assert claim["spec"]["storageClassName"] == ""
+    assert claim["spec"]["accessModes"] == ["ReadOnlyMany"]
+
+
+def test_servicemonitor_copies_vllms_model_name_into_model_like_the_compose_config() -> None:
+    (endpoint,) = _one("ServiceMonitor", "refusal-gateway")["spec"]["endpoints"]
+    (relabel,) = endpoint["metricRelabelings"]
+    (compose,) = obs.scrape_job()["metric_relabel_configs"]
+    assert relabel["sourceLabels"] == compose["source_labels"]
+    assert relabel["regex"] == compose["regex"]
+    assert relabel["targetLabel"] == compose["target_label"]
+    assert relabel["replacement"] == compose["replacement"]

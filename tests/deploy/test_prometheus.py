@@ -102,8 +102,9 @@ def test_alerts_carry_severity_summary_and_a_runbook_section() -> None:
             continue
         assert rule["labels"]["severity"] in ("critical", "warning"), rule["alert"]
         assert rule["annotations"]["summary"], rule["alert"]
-        runbook = rule["annotations"]["runbook"]
-        assert runbook == f"deploy/README.md#{rule['alert'].lower()}", rule["alert"]
+        runbook = rule["annotations"]["runbook_url"]
+        assert runbook == f"{obs.RUNBOOK_BASE}#{rule['alert'].lower()}", rule["alert"]
+        assert "runbook" not in rule["annotations"], "relative runbook paths are gone"
         assert rule["alert"].lower() in anchors, f"deploy/README.md has no section {rule['alert']}"
 
 
@@ -129,11 +130,13 @@ _TARGET_LABELS = {"job", "instance"}
 def _exported_series() -> dict[str, set[str]]:
     """``{sample name: label names}`` of every series server/metrics.py exports."""
     from prometheus_client.metrics import MetricWrapperBase
+    from refusal_gateway.launcher_metrics import LauncherMetrics
     from refusal_gateway.metrics import get_metrics
 
     metrics = get_metrics(CollectorRegistry())
+    launcher = LauncherMetrics("m")  # the launcher's own series (standby and state file)
     exported: dict[str, set[str]] = {}
-    for collector in vars(metrics).values():
+    for collector in [*vars(metrics).values(), *vars(launcher).values()]:
         if not isinstance(collector, MetricWrapperBase):
             continue
         labels = set(collector._labelnames) | _TARGET_LABELS
@@ -174,3 +177,46 @@ def _anchor(heading: str) -> str:
     """GitHub's anchor for a Markdown heading."""
     text = re.sub(r"[`*]", "", heading).strip().lower()
     return re.sub(r"[^\w\- ]", "", text).replace(" ", "-")
+
+
+def _firing_in_rule_tests() -> set[str]:
+    """Alert names some promtool test expects firing (ALERTS or alert_rule_test)."""
+    names: set[str] = set()
+    for path in obs.RULE_TESTS_DIR.glob("*.yml"):
+        for test in obs.load_yaml(path)["tests"]:
+            for check in test.get("promql_expr_test") or []:
+                for sample in check.get("exp_samples") or []:
+                    names |= set(re.findall(r'alertname="([^"]+)"', sample["labels"]))
+            for check in test.get("alert_rule_test") or []:
+                if check.get("exp_alerts"):
+                    names.add(check["alertname"])
+    return names
+
+
+def test_every_alert_is_seen_firing_in_a_promtool_test() -> None:
+    alerts = {r["alert"] for r in obs.all_rules() if "alert" in r}
+    assert alerts <= _firing_in_rule_tests(), sorted(alerts - _firing_in_rule_tests())
+
+
+def test_rule_tests_cover_model_loads_and_one_bad_replica_of_eight() -> None:
+    """The two scenarios that paged wrongly before: named, and quiet / firing as they should."""
+    tests = {t.get("name"): t for p in obs.RULE_TESTS_DIR.glob("*.yml") for t in obs.load_yaml(p)["tests"]}
+    load = tests["does not fire during a model load"]
+    assert all(not c.get("exp_samples") for c in load["promql_expr_test"])
+    assert any("engine_up" in s["series"] and "0x" in s["values"] for s in load["input_series"])
+    bad = tests["one bad replica of eight"]
+    instances = {re.search(r'instance="([^"]+)"', s["series"])[1] for s in bad["input_series"]}
+    assert len(instances) == 8
+    fired = [s["labels"] for c in bad["promql_expr_test"] for s in c.get("exp_samples") or []]
+    assert fired and all('instance="i8:8000"' in f for f in fired)
+
+
+def test_vllm_model_name_is_copied_into_model_at_scrape_time() -> None:
+    """Rules and panels join vLLM's series with ours on `model`."""
+    (relabel,) = obs.scrape_job()["metric_relabel_configs"]
+    assert relabel["source_labels"] == ["__name__", "model_name"]
+    assert relabel["target_label"] == "model" and relabel["replacement"] == "$1"
+    assert re.fullmatch(relabel["regex"], "vllm:num_requests_waiting;m")
+    assert not re.fullmatch(relabel["regex"], "refusal_gateway_requests_total;m")
+    exprs = [r["expr"] for r in obs.all_rules()] + [q.expr for q in obs.all_panel_queries()]
+    assert not [e for e in exprs if "model_name" in e], "join on model, not model_name"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import random
 from pathlib import Path
@@ -13,6 +14,8 @@ from refusal_plugins.vocab import COCONOT_CATEGORIES, RefusalManifest
 from .server import Server
 
 CATEGORIES = sorted(COCONOT_CATEGORIES)
+#: Hang guard: waits that run out only when something hangs, never on a slow machine.
+HANG_S = 600.0
 ALL_DOWN = {key: -100.0 for key in CATEGORIES}
 SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "coconot"
 
@@ -29,6 +32,49 @@ def sample_prompts(n: int, seed: int = 0) -> list[str]:
     return random.Random(seed).sample(rows, n)
 
 
+class ModelOracle:
+    """The served model run offline with transformers: what the model itself wants.
+
+    Independent of vLLM, of the processor and of the layer: the prompt is
+    rendered with the tokenizer's own chat template (as vLLM renders a chat
+    request: ``add_generation_prompt``, no extra special tokens), the logits of
+    the next position come from transformers' forward in float32, and the
+    probabilities are a softmax over the whole vocabulary (T = 1, no bias).
+    """
+
+    def __init__(self, model_dir: Path) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.manifest = RefusalManifest.load(model_dir)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+    def prompt_ids(self, prompt: str) -> list[int]:
+        messages = [{"role": "user", "content": prompt}]
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def probabilities(self, prompt: str) -> dict[str, float]:
+        """softmax(logits)[c] at the decision position for every control token, by key."""
+        import torch
+
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # a 4-layer model: milliseconds; no OpenMP spin beside vLLM
+        try:
+            with torch.no_grad():
+                logits = self.model(torch.tensor([self.prompt_ids(prompt)])).logits[0, -1]
+        finally:
+            torch.set_num_threads(threads)
+        p = torch.softmax(logits.double(), dim=0)
+        return {t.key: float(p[t.id]) for t in self.manifest.tokens}
+
+
+@functools.cache
+def oracle_for(model_dir: Path) -> ModelOracle:
+    return ModelOracle(model_dir)
+
+
 def client_for(server: Server) -> AsyncOpenAI:
     return AsyncOpenAI(base_url=server.api_url, api_key="unused", max_retries=0, timeout=300)
 
@@ -41,7 +87,8 @@ async def decide(client: AsyncOpenAI, server: Server, prompt: str, **extra) -> l
     reply = await client.chat.completions.create(
         model=server.model, messages=[{"role": "user", "content": prompt}], extra_body=body, **kwargs
     )
-    return [c.model_extra | {"_choice": c} for c in reply.choices]
+    prompt_ids = (reply.model_extra or {}).get("prompt_token_ids")
+    return [c.model_extra | {"_choice": c, "_prompt_token_ids": prompt_ids} for c in reply.choices]
 
 
 async def gather_limited(coros, limit: int = 48):
@@ -78,6 +125,11 @@ async def isolation_under_batching(server: Server) -> None:
     and leave while they run (continuous batching); n>1 requests and a repeated
     prompt (prefix cache hits) carry opposite settings. Unbiased requests must
     decide exactly as they do alone.
+
+    Ordering, not timing: the waves are sent once every long stream has
+    streamed its decision (it is in the batch, decoding), and each of the four
+    lanes keeps a long stream in flight until the last wave has its answer (a
+    stream that ends earlier, on a fast machine, is followed by another one).
     """
     client = client_for(server)
     manifest = RefusalManifest.load(server.model_dir)
@@ -86,18 +138,35 @@ async def isolation_under_batching(server: Server) -> None:
     alone = [
         (await decide(client, server, p))[0]["refusal_decision"]["token"] for p in prompts
     ]
+    waves_done = asyncio.Event()
 
-    async def long_stream(prompt: str) -> tuple[str, list[int]]:
-        reply = await client.chat.completions.create(
+    async def long_stream(prompt: str, decoding: asyncio.Event) -> tuple[str | None, list[int]]:
+        stream = await client.chat.completions.create(
             model=server.model, messages=[{"role": "user", "content": prompt}], max_tokens=400,
-            temperature=0.0, extra_body={"refusal_bias": {"safety": 100.0},
-                                         "ignore_eos": True, "return_token_ids": True},
+            temperature=0.0, stream=True, extra_body={"refusal_bias": {"safety": 100.0},
+                                                      "ignore_eos": True, "return_token_ids": True},
         )
-        c = reply.choices[0]
-        return c.model_extra["refusal_decision"]["category"], c.model_extra["token_ids"]
+        category, tokens = None, []
+        async for chunk in stream:
+            for c in chunk.choices:
+                extra = c.model_extra or {}
+                tokens += extra.get("token_ids") or []
+                if extra.get("refusal_decision"):
+                    category = extra["refusal_decision"]["category"]
+                    decoding.set()
+        return category, tokens
 
-    longs = [asyncio.create_task(long_stream(p)) for p in prompts[:4]]
-    await asyncio.sleep(0.5)  # the long ones are decoding when the rest arrive
+    async def lane(prompt: str, decoding: asyncio.Event) -> list[tuple[str | None, list[int]]]:
+        """Long streams, one after the other, until the waves are done."""
+        done = [await long_stream(prompt, decoding)]
+        while not waves_done.is_set():
+            done.append(await long_stream(prompt, asyncio.Event()))
+        return done
+
+    decoding = [asyncio.Event() for _ in range(4)]
+    longs = [asyncio.create_task(lane(p, e)) for p, e in zip(prompts[:4], decoding, strict=True)]
+    # Hang guard only: each long stream decides within a few engine steps.
+    await asyncio.wait_for(asyncio.gather(*(e.wait() for e in decoding)), HANG_S)
     shared_prompt = prompts[5]
     jobs, expect = [], []
     for wave in range(3):
@@ -122,10 +191,10 @@ async def isolation_under_batching(server: Server) -> None:
         jobs.append(decide(client, server, shared_prompt, refusal_bias={"unsupported": -100.0,
                                                                        **ALL_DOWN}))
         expect.append([None])
-    assert not any(t.done() for t in longs), "long requests must still be decoding"
-    results = await gather_limited(jobs, limit=64)
-    # The long ones were in the batch while every wave joined and left.
-    assert not all(t.done() for t in longs), "waves must finish while long requests decode"
+    try:
+        results = await gather_limited(jobs, limit=64)
+    finally:
+        waves_done.set()
     for got, want in zip(results, expect, strict=True):
         for choice, w in zip(got, want, strict=True):
             d = choice["refusal_decision"]
@@ -134,32 +203,55 @@ async def isolation_under_batching(server: Server) -> None:
             else:
                 assert d["category"] == w, (d, w)
     for task in longs:
-        category, tokens = await task
-        assert category == "safety"
-        assert tokens[0] in ids and not ids.intersection(tokens[1:])
+        for category, tokens in await asyncio.wait_for(task, HANG_S):
+            assert category == "safety"
+            # A control token comes first (where token_ids show it), never again.
+            later = tokens[1:] if tokens and tokens[0] in ids else tokens
+            assert len(later) >= 399 and not ids.intersection(later), tokens
+
+
+#: Probabilities this close to the threshold, or to each other when they pick
+#: c*, are ties: float noise between two runtimes may decide them either way.
+TIE = 1e-3
 
 
 def paper_rule(p: dict[str, float], threshold: float) -> str | None:
-    """The paper's categorical threshold rule on the model's own probabilities."""
-    c_star = max(CATEGORIES, key=lambda c: p.get(c, 0.0))
-    return c_star if p.get(c_star, 0.0) >= threshold else None
+    """The paper's categorical rule (plugins/core.py, step 2) on probabilities at T = 1.
+
+    c* = the most likely refusal category; emit c* when p[c*] >= threshold,
+    else ``respond`` (None: no refusal category).
+    """
+    c_star = max(CATEGORIES, key=lambda c: p[c])
+    return c_star if p[c_star] >= threshold else None
+
+
+def is_tie(p: dict[str, float], threshold: float) -> bool:
+    """Whether float noise could flip :func:`paper_rule` on ``p``."""
+    first, second = sorted((p[c] for c in CATEGORIES), reverse=True)[:2]
+    if abs(first - threshold) < TIE:
+        return True
+    return first >= threshold and first - second < TIE  # which category is c*
 
 
 async def threshold_rule(server: Server, prompts: list[str], threshold: float) -> int:
-    """Decisions with ``refusal_threshold`` follow the paper's rule; return how many were checked."""
+    """Decisions with ``refusal_threshold`` follow the paper's rule; return how many were checked.
+
+    The expected decision comes from the model's own probabilities computed
+    offline (:class:`ModelOracle`), never from what the processor reports.
+    """
+    oracle = oracle_for(server.model_dir)
     client = client_for(server)
-    raw = await gather_limited(
-        [decide(client, server, p, logprobs=True, top_logprobs=10) for p in prompts]
-    )
     thresholded = await gather_limited(
-        [decide(client, server, p, refusal_threshold=threshold) for p in prompts]
+        [decide(client, server, p, refusal_threshold=threshold, return_token_ids=True) for p in prompts]
     )
     checked = 0
-    for r, t in zip(raw, thresholded, strict=True):
-        p = r[0]["refusal_decision"]["probabilities"]
-        c_star = max(CATEGORIES, key=lambda c: p.get(c, 0.0))
-        if abs(p.get(c_star, 0.0) - threshold) < 1e-3:
-            continue  # on the threshold itself: float noise decides
-        assert t[0]["refusal_decision"]["category"] == paper_rule(p, threshold), (p, t)
+    for prompt, t in zip(prompts, thresholded, strict=True):
+        # The oracle sees exactly the prompt the engine saw.
+        assert t[0]["_prompt_token_ids"] == oracle.prompt_ids(prompt), prompt
+        p = oracle.probabilities(prompt)
+        if is_tie(p, threshold):
+            continue
+        got = t[0]["refusal_decision"]
+        assert got["category"] == paper_rule(p, threshold), (prompt, threshold, p, got)
         checked += 1
     return checked

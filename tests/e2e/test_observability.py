@@ -10,7 +10,12 @@ knows (a refusal_bias of +-100 makes the decision deterministic), then:
   (so no panel is empty and no alert is silently dead because of a renamed
   metric or a label that does not exist);
 * every rule evaluates without error inside Prometheus;
-* the dashboard's refusal-rate query agrees with the traffic sent.
+* the dashboard's refusal-rate query agrees with the traffic sent;
+* the launcher's own series (engine up, restarts, standby answers) reach
+  Prometheus through vLLM's /metrics while the engine serves.
+
+The server is this module's own: its policy file names a shadow (what-if)
+profile, so the shadow panels and rules have data too.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ from refusal_gateway.canary import CanaryProber, load_canary_prompts
 from tests.deploy import observability as obs
 from tests.tools import skip_or_fail
 
-from .server import CANARY_SECRET, Server, free_port, stop_process
+from .server import CANARY_SECRET, Server, free_port, running_server, stop_process
 
 pytestmark = pytest.mark.e2e
 
@@ -48,6 +53,24 @@ PROMPT = "How do I pick a lock?"
 
 
 SCRAPE_INTERVAL_S = 1
+#: A profile to shadow: the layer counts the decisions it would have made.
+POLICY = """\
+profiles:
+  strict:
+    refusal_bias: {refuse: 3.0}
+shadow_profiles: [strict]
+"""
+
+
+@pytest.fixture(scope="module")
+def server(demo_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """This module's server (overrides the session one): a policy with a shadow profile."""
+    tmp = tmp_path_factory.mktemp("observability-server")
+    policy = tmp / "policy.yaml"
+    policy.write_text(POLICY)
+    args = ["--enable-prefix-caching", "--policy-file", str(policy)]
+    with running_server(demo_model_dir, tmp / "vllm.log", args) as s:
+        yield s
 
 
 @dataclass(frozen=True)
@@ -84,6 +107,8 @@ def prometheus(server: Server, tmp_path_factory: pytest.TempPathFactory) -> Iter
                 "job_name": obs.JOB,
                 "metrics_path": "/metrics",
                 "static_configs": [{"targets": [urlsplit(server.base_url).netloc]}],
+                # The production relabelling (vLLM's model_name copied into model).
+                "metric_relabel_configs": obs.scrape_job()["metric_relabel_configs"],
             }
         ],
     }
@@ -242,8 +267,31 @@ def observed(prometheus: Prometheus, server: Server) -> tuple[Sent, dict[str, di
         return all(sum(d[name].values()) >= sum(want[name].values()) for name in want)
 
     _wait(caught_up, timeout_s=60, what="Prometheus to scrape the final counts")
+    _second_canary_round(prometheus, server)
     time.sleep(3)  # a few more scrapes and rule evaluations after the last request
     return sent, deltas()
+
+
+def _second_canary_round(prometheus: Prometheus, server: Server) -> None:
+    """Another canary round once Prometheus has scraped the first one.
+
+    The canary series appear with the first canary request, so a round that
+    finishes within one scrape interval is the series' first sample: increase()
+    sees nothing. A second round after that sample moves the counters, as the
+    launcher's prober does every interval, and the canary shares have data.
+    """
+    total = f'sum(refusal_gateway_canary_decisions_total{{job="{obs.JOB}"}})'
+    _wait(lambda: bool(prometheus.query(total)), timeout_s=60, what="the canary series")
+    first = prometheus.values(total, "")[""]
+    result = CanaryProber(
+        server.base_url, server.model, CANARY_SECRET, load_canary_prompts(), interval_s=60
+    ).run_round()
+    assert result.failed == 0, result
+    _wait(
+        lambda: prometheus.values(total, "")[""] > first,
+        timeout_s=60,
+        what="Prometheus to scrape the second canary round",
+    )
 
 
 def test_counters_in_prometheus_match_the_traffic_exactly(observed) -> None:
@@ -301,18 +349,20 @@ def test_dashboard_refusal_rate_agrees_with_the_traffic(
 ) -> None:
     """The panel's per-category share equals what was sent (to rate()'s extrapolation)."""
     sent, _ = observed
-    panel = _panel_query("Refusal rate per category (share of decisions)")
+    panel = _panel_query("Refused share per category")
     # Prometheus started in this module, so a window longer than its life holds
     # exactly this test's samples: the baseline before the traffic and the end state.
     expr = obs.substitute_grafana_vars(panel.expr, {"model": server.model, "__rate_interval": "1h"})
     shares = prometheus.values(expr, "category")
     total = sum(sent.categories.values())
-    for category, count in sent.categories.items():
+    refused = {k: v for k, v in sent.categories.items() if k not in ("respond", "none")}
+    assert refused and not {"respond", "none"} & set(shares)  # the panel plots refusals only
+    for category, count in refused.items():
         assert math.isclose(shares[category], count / total, rel_tol=0.05, abs_tol=0.01), (
             category,
             shares,
         )
-    assert sum(v for k, v in shares.items() if k not in sent.categories) == pytest.approx(0.0)
+    assert sum(v for k, v in shares.items() if k not in refused) == pytest.approx(0.0)
 
     counts_expr = _panel_query("Decision counts by category").expr
     counts = prometheus.values(
@@ -353,3 +403,20 @@ def _wait(
         time.sleep(0.5)
     tail = log.read_text(errors="replace")[-3000:] if log else ""
     raise AssertionError(f"timed out after {timeout_s}s waiting for {what}\n{tail}")
+
+
+def test_launcher_series_reach_prometheus_while_the_engine_serves(
+    prometheus: Prometheus, server: Server, observed
+) -> None:
+    """vLLM's /metrics re-exports the launcher's state: serving, no restart, no 503 yet."""
+    sel = f'job="{obs.JOB}", model="{server.model}"'
+    assert prometheus.values(f"refusal_gateway_engine_up{{{sel}}}", "model") == {server.model: 1.0}
+    states = prometheus.values(f"refusal_gateway_engine_state{{{sel}}}", "state")
+    assert states == {"starting": 0.0, "serving": 1.0, "restarting": 0.0, "stopping": 0.0}
+    assert prometheus.values(f"refusal_gateway_engine_restarts_total{{{sel}}}", "model") == {
+        server.model: 0.0
+    }
+    reasons = prometheus.values(f"refusal_gateway_standby_responses_total{{{sel}}}", "reason")
+    assert set(reasons) == {"starting", "restarting", "stopping"}
+    assert reasons["restarting"] == reasons["stopping"] == 0.0
+    assert prometheus.values(f'up{{job="{obs.JOB}"}}', "job") == {obs.JOB: 1.0}

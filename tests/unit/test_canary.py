@@ -33,12 +33,23 @@ ROWS = [
 ]
 
 
+#: Hang guard: waits that only run out when something hangs; never a speed check.
+HANG_S = 60.0
+
+
+def _open_gate() -> threading.Event:
+    gate = threading.Event()
+    gate.set()
+    return gate
+
+
 @dataclass
 class Recorder:
     """What the fake server received, and how it answers."""
 
     status: int = 200
-    delay_s: float = 0.0
+    #: Each request waits for this gate before it is answered (open by default).
+    gate: threading.Event = field(default_factory=_open_gate)
     requests: list[dict] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -64,7 +75,7 @@ def server() -> Iterator[FakeServer]:
                 recorder.requests.append(
                     {"path": self.path, "headers": dict(self.headers), "body": body}
                 )
-            time.sleep(recorder.delay_s)
+            recorder.gate.wait(HANG_S)
             payload = json.dumps({"choices": [{"index": 0}]}).encode()
             self.send_response(recorder.status)
             self.send_header("Content-Type", "application/json")
@@ -91,13 +102,28 @@ def _prober(url: str, **kwargs) -> CanaryProber:
     return CanaryProber(url, **{**args, **kwargs})
 
 
-def _wait_for(check, timeout_s: float = 5.0) -> None:
+def _wait_for(check, timeout_s: float = HANG_S) -> None:
+    """Poll ``check`` until true; the timeout is a hang guard, not a speed requirement."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if check():
             return
         time.sleep(0.01)
-    raise AssertionError("timed out")
+    raise AssertionError(f"still false after {timeout_s}s (hung?)")
+
+
+def _count_rounds(prober: CanaryProber) -> list[RoundResult]:
+    """Record the results of the prober's rounds (the thread calls ``run_round``)."""
+    rounds: list[RoundResult] = []
+    run_round = prober.run_round
+
+    def counted() -> RoundResult:
+        result = run_round()
+        rounds.append(result)
+        return result
+
+    prober.run_round = counted  # type: ignore[method-assign]
+    return rounds
 
 
 def _closed_port() -> int:
@@ -180,8 +206,10 @@ def test_a_round_sends_each_prompt_once_with_the_canary_headers(server):
 
 
 def test_without_profile_or_key_neither_is_sent(server):
-    _prober(server.url).run_round()
-    for request in server.recorder.snapshot():
+    assert _prober(server.url).run_round() == RoundResult(ok=3, failed=0)
+    sent = server.recorder.snapshot()
+    assert len(sent) == len(ROWS)
+    for request in sent:
         assert "refusal_profile" not in request["body"]
         assert "authorization" not in {k.lower() for k in request["headers"]}
 
@@ -200,24 +228,35 @@ def test_rounds_repeat_every_interval(server):
 
 
 def test_stop_is_prompt_between_rounds(server):
-    prober = _prober(server.url, interval_s=3600.0)
+    # The next round is a million seconds away: a stop that waited for the
+    # interval instead of interrupting it would leave the thread running past
+    # the (hang-guard) join.
+    prober = _prober(server.url, interval_s=1e6)
+    rounds = _count_rounds(prober)
     prober.start()
-    _wait_for(lambda: len(server.recorder.snapshot()) == len(ROWS))
-    started = time.monotonic()
-    prober.stop()
-    assert time.monotonic() - started < 0.5
-    assert prober._thread is None
+    _wait_for(lambda: len(rounds) == 1)  # the first round is over: waiting for the next
+    prober.stop(timeout_s=HANG_S)
+    assert prober._thread is None  # joined: the thread has ended
+    assert rounds == [RoundResult(ok=3, failed=0)]
+    assert len(server.recorder.snapshot()) == len(ROWS)
 
 
 def test_stop_does_not_wait_for_the_rest_of_a_round(server):
-    server.recorder.delay_s = 0.2
-    prober = _prober(server.url, rows=ROWS * 10)  # a 6-second round
+    # Ordering, not timing: the first request is held at the server until stop()
+    # has been called; once it is answered the thread must end without sending
+    # any of the round's other 29 prompts.
+    server.recorder.gate.clear()
+    prober = _prober(server.url, rows=ROWS * 10)
     prober.start()
-    _wait_for(lambda: len(server.recorder.snapshot()) >= 1)
-    started = time.monotonic()
-    prober.stop()
-    assert time.monotonic() - started < 1.0  # one request in flight, not the round
-    assert len(server.recorder.snapshot()) <= 3
+    _wait_for(lambda: len(server.recorder.snapshot()) == 1)  # in flight, held
+    stopper = threading.Thread(target=prober.stop, kwargs={"timeout_s": HANG_S})
+    stopper.start()
+    _wait_for(prober._stop.is_set)  # stop() asked; the thread is still in its request
+    assert prober._thread is not None and prober._thread.is_alive()
+    server.recorder.gate.set()  # answer the request in flight
+    stopper.join(HANG_S)
+    assert not stopper.is_alive() and prober._thread is None
+    assert len(server.recorder.snapshot()) == 1  # the request in flight, not the round
 
 
 def test_server_errors_are_logged_once_and_never_raise(server, caplog):
@@ -254,12 +293,13 @@ def test_connection_refused_is_a_failed_round_not_an_exception(caplog):
     prober = _prober(f"http://127.0.0.1:{_closed_port()}", interval_s=0.02)
     with caplog.at_level(logging.WARNING, logger="refusal_gateway.canary"):
         assert prober.run_round() == RoundResult(ok=0, failed=3)
+        rounds = _count_rounds(prober)
         prober.start()
-        time.sleep(0.2)  # several rounds against the closed port
+        _wait_for(lambda: len(rounds) >= 3)  # several rounds against the closed port
         assert prober._thread is not None and prober._thread.is_alive()
-        started = time.monotonic()
-        prober.stop()
-    assert time.monotonic() - started < 0.5
+        prober.stop(timeout_s=HANG_S)
+    assert prober._thread is None
+    assert set(rounds) == {RoundResult(ok=0, failed=3)}
     assert sum(r.levelno == logging.WARNING for r in caplog.records) == 1
 
 
