@@ -124,25 +124,30 @@ def field_rules(kind: Kind) -> dict[str, FieldRule]:
     return rules
 
 
+#: Integers must fit the engine's 64-bit tensors (a bigger one could only overflow there).
+INT64 = 2**63
+
+
 def _type_ok(value: Any, json_type: JsonType) -> bool:
     if json_type == "boolean":
         return isinstance(value, bool)
     if json_type == "integer":
-        return isinstance(value, int) and not isinstance(value, bool)
+        return isinstance(value, int) and not isinstance(value, bool) and -INT64 <= value < INT64
     if json_type == "number":
-        return (
-            isinstance(value, (int, float))
-            and not isinstance(value, bool)
-            and math.isfinite(float(value))
-        )
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        try:
+            return math.isfinite(float(value))
+        except OverflowError:  # an integer beyond any float
+            return False
     if json_type == "string":
         return isinstance(value, str)
     return isinstance(value, list) and all(_type_ok(v, "integer") for v in value)
 
 
 _TYPE_WORDS = {
-    "integer": "an integer",
-    "number": "a number",
+    "integer": "a 64-bit integer",
+    "number": "a finite number",
     "boolean": "true or false",
     "string": "a string",
     "integers": "a list of integers",

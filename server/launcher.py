@@ -32,7 +32,7 @@ from refusal_plugins.vocab import RefusalManifest
 
 from .canary import CANARY_SECRET_ENV, CanaryProber, load_canary_prompts
 from .launcher_metrics import STATE_FILE_ENV, LauncherMetrics
-from .settings import DEMO_MODEL, GatewaySettings
+from .settings import DEMO_MODEL, DRAIN_FILE_ENV, GatewaySettings
 from .standby import Standby, listening_socket
 from .vllm_entry import LISTEN_FD_ENV
 
@@ -244,9 +244,6 @@ def serve(
 
 #: How long past ``shutdown_grace_s`` vLLM may take to tear down before it is killed.
 KILL_MARGIN_S = 30.0
-#: A file the launcher creates when it starts draining (path in this variable, for
-#: vLLM's process): from then on the layer admits no new generation request.
-DRAIN_FILE_ENV = "REFUSAL_GATEWAY_DRAIN_FILE"
 #: While draining, the engine counts are polled this often, and must read idle this
 #: many times in a row (a request between the layer and the engine is not counted).
 DRAIN_POLL_S = 0.5

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from typing import Any
 
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -28,7 +29,7 @@ from .gateway import ROUTES, Gateway, Outcome
 from .policy import ApiKey
 from .responses import Responder
 from .routes import UNAUTHENTICATED_PATHS, closed_reason, decide, route_report
-from .settings import GatewaySettings
+from .settings import DRAIN_FILE_ENV, GatewaySettings
 
 __all__ = ["Gateway", "RefusalGatewayMiddleware"]
 
@@ -43,6 +44,7 @@ class RefusalGatewayMiddleware:
         self.app = app
         self.gateway = gateway or Gateway.from_settings(GatewaySettings())
         self.inflight = 0
+        self.drain_file = os.environ.get(DRAIN_FILE_ENV)
         logger.info(
             "refusal gateway layer on %s: model %r, %s scheme",
             ", ".join(ROUTES),
@@ -68,6 +70,12 @@ class RefusalGatewayMiddleware:
                 await self._refuse(send, error)
                 return
         where = decide(path)
+        if self._draining() and (where == "layer" or path == "/health"):
+            # The launcher is draining: in-flight requests finish, new ones go elsewhere.
+            await self._refuse(send, self._unavailable(
+                "the server is shutting down; retry shortly", "shutting_down"
+            ))  # fmt: skip
+            return
         if where == "closed":
             await self._refuse(send, GatewayError(
                 404, f"{path} is not served here: {closed_reason(path)}",
@@ -79,7 +87,10 @@ class RefusalGatewayMiddleware:
             return
         limit = self.gateway.settings.max_inflight_requests
         if limit and self.inflight >= limit:
-            await self._refuse(send, self._overloaded(limit))
+            await self._refuse(send, self._unavailable(
+                f"the server is at its limit of {limit} requests in flight; retry shortly",
+                "server_overloaded",
+            ))  # fmt: skip
             return
         self.inflight += 1
         try:
@@ -122,14 +133,15 @@ class RefusalGatewayMiddleware:
         self.gateway.reject(error)
         await send_error(send, error)
 
-    def _overloaded(self, limit: int) -> GatewayError:
+    def _unavailable(self, message: str, code: str) -> GatewayError:
         return GatewayError(
-            503,
-            f"the server is at its limit of {limit} requests in flight; retry shortly",
-            type="service_unavailable_error",
-            code="server_overloaded",
+            503, message, type="service_unavailable_error", code=code,
             headers=((b"retry-after", str(self.gateway.settings.retry_after_s).encode()),),
-        )
+        )  # fmt: skip
+
+    def _draining(self) -> bool:
+        """Whether the launcher has started draining (it created its drain file)."""
+        return self.drain_file is not None and os.path.exists(self.drain_file)
 
     def _report_routes(self, app: Any) -> None:
         """Log every route of the app by decision (once), warning on undecided ones."""

@@ -19,6 +19,9 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "REFUSAL_GATEWAY_"
+#: A file the launcher creates when it starts draining (path in this variable, for
+#: vLLM's processes): from then on the layer admits no new generation request.
+DRAIN_FILE_ENV = ENV_PREFIX + "DRAIN_FILE"
 DEMO_MODEL = "demo"
 
 

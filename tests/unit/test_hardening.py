@@ -169,3 +169,26 @@ async def test_an_engine_that_dies_under_a_request_gives_503_not_500():
     assert response.json()["error"]["code"] == "engine_unavailable"
     other_500 = await http.post("/v1/completions", json={"model": MODEL, "prompt": "x"})
     assert other_500.status_code == 500 and other_500.json() == {"error": {"message": "boom"}}
+
+
+async def test_while_the_launcher_drains_new_requests_get_503(tmp_path, monkeypatch):
+    drain = tmp_path / "draining"
+    monkeypatch.setenv("REFUSAL_GATEWAY_DRAIN_FILE", str(drain))
+    _, http, fake, _ = build("[respond] hi")
+    assert (await http.post("/v1/chat/completions", json=CHAT)).status_code == 200
+    drain.touch()
+    for path in ("/v1/chat/completions", "/invocations"):
+        response = await http.post(path, json=CHAT)
+        assert response.status_code == 503 and response.headers["retry-after"]
+        assert response.json()["error"]["code"] == "shutting_down"
+    assert (await http.get("/health")).status_code == 503
+    assert len(fake.bodies) == 1
+
+
+@pytest.mark.parametrize("field", ["top_k", "seed", "max_tokens", "temperature", "n"])
+async def test_integers_beyond_64_bits_are_a_400(field):
+    _, http, fake, _ = build("[respond] hi")
+    response = await http.post("/v1/chat/completions", content=json.dumps(CHAT)[:-1]
+                               + f', "{field}": 1' + "0" * 400 + "}")
+    assert response.status_code == 400 and response.json()["error"]["param"] == field
+    assert fake.bodies == []
