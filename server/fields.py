@@ -79,6 +79,8 @@ class FieldRule:
     name: str
     json_type: JsonType | None  # None: a structured value vLLM validates itself
     nullable: bool
+    #: vLLM bounds this number itself (``ge``/``le``): its own 400 names the bound.
+    bounded: bool = False
 
 
 def _json_type(annotation: Any) -> tuple[JsonType | None, bool]:
@@ -120,7 +122,8 @@ def field_rules(kind: Kind) -> dict[str, FieldRule]:
     rules = {}
     for name, info in model.model_fields.items():
         json_type, nullable = _json_type(info.annotation)
-        rules[info.alias or name] = FieldRule(name, json_type, nullable)
+        bounded = any(hasattr(m, "ge") or hasattr(m, "le") for m in info.metadata)
+        rules[info.alias or name] = FieldRule(name, json_type, nullable, bounded)
     return rules
 
 
@@ -128,11 +131,13 @@ def field_rules(kind: Kind) -> dict[str, FieldRule]:
 INT64 = 2**63
 
 
-def _type_ok(value: Any, json_type: JsonType) -> bool:
+def _type_ok(value: Any, json_type: JsonType, bounded: bool = False) -> bool:
     if json_type == "boolean":
         return isinstance(value, bool)
     if json_type == "integer":
-        return isinstance(value, int) and not isinstance(value, bool) and -INT64 <= value < INT64
+        if not isinstance(value, int) or isinstance(value, bool):
+            return False
+        return bounded or -INT64 <= value < INT64  # vLLM's own bound answers a bounded one
     if json_type == "number":
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             return False
@@ -182,7 +187,7 @@ def check_fields(body: dict[str, Any], kind: Kind) -> None:
             if rule.nullable or rule.json_type is None:
                 continue
             raise bad_request(f"{name} may not be null", param=name)
-        if rule.json_type is not None and not _type_ok(value, rule.json_type):
+        if rule.json_type is not None and not _type_ok(value, rule.json_type, rule.bounded):
             raise bad_request(
                 f"{name} must be {_TYPE_WORDS[rule.json_type]}, got {_describe(value)}",
                 param=name,
