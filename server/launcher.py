@@ -82,8 +82,23 @@ def check_imports(runner: str) -> None:
     getattr(importlib.import_module(module), name)
 
 
+def cpu_engine() -> bool:
+    """Whether vLLM will run on its CPU platform (the launcher loads vLLM anyway)."""
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
+
+
+#: vLLM's flags that decide chunked prefill; a user who sets one keeps it.
+CHUNKED_PREFILL_FLAGS = ("--enable-chunked-prefill", "--no-enable-chunked-prefill")
+
+
 def build_command(
-    settings: GatewaySettings, model_dir: Path, runner: str, vllm_args: Sequence[str]
+    settings: GatewaySettings,
+    model_dir: Path,
+    runner: str,
+    vllm_args: Sequence[str],
+    cpu: bool | None = None,
 ) -> list[str]:
     cmd = [
         sys.executable, "-m", ENTRY,
@@ -101,6 +116,13 @@ def build_command(
         # On SIGTERM vLLM's engine then admits nothing new and finishes what it
         # has for up to this long ("drain") instead of aborting it at once.
         cmd += ["--shutdown-timeout", str(max(0, round(settings.shutdown_grace_s)))]
+    given = {a.split("=")[0] for a in vllm_args}
+    if (cpu_engine() if cpu is None else cpu) and not given & set(CHUNKED_PREFILL_FLAGS):
+        # vLLM 0.32's CPU worker dies on any seeded request whose prompt is prefilled in
+        # chunks (it rewinds the request's torch.Generator with set_offset, which CPU
+        # generators lack): one client could take the engine down. Unchunked prefill
+        # never discards a sampled token, so the rewind never happens.
+        cmd += ["--no-enable-chunked-prefill"]
     return cmd + list(vllm_args)
 
 

@@ -364,3 +364,21 @@ def test_request_ids_are_bounded_and_printable(server):
     good = post(server, "/v1/chat/completions", chat(server), headers={"x-request-id": "abc-123"})
     assert good.headers["x-request-id"] == "abc-123"
     assert_still_serving(server)
+
+
+def test_seeded_requests_with_long_prompts_under_load_do_not_kill_the_engine(server):
+    """vLLM 0.32's CPU worker died when a seeded request's prompt was prefilled in chunks
+    (the launcher now prefills unchunked on CPU): 24 at once, ~420 prompt tokens each."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    prompt = "tell me about the weather " * 70
+
+    def one(seed: int) -> int:
+        body = {"model": server.model, "prompt": prompt, "max_tokens": 8, "seed": seed,
+                "temperature": 1.0}
+        return post(server, "/v1/completions", body).status_code
+
+    with ThreadPoolExecutor(24) as pool:
+        assert list(pool.map(one, range(24))) == [200] * 24
+    assert "does not use offset" not in server.log.read_text(errors="replace")
+    assert_still_serving(server)

@@ -244,3 +244,14 @@ def test_sigterm_drains_vllm_and_leaves_no_process_behind(monkeypatch, tmp_path)
     except psutil.NoSuchProcess:
         pass
     assert not psutil.pid_exists(child) or psutil.Process(child).status() == psutil.STATUS_ZOMBIE
+
+
+def test_cpu_engines_prefill_unchunked_unless_the_user_decides(tmp_path):
+    """vLLM 0.32's CPU worker dies on seeded requests prefilled in chunks (no set_offset)."""
+    settings = GatewaySettings()
+    assert "--no-enable-chunked-prefill" in launcher.build_command(settings, tmp_path, "v1", [], cpu=True)
+    assert "--no-enable-chunked-prefill" not in launcher.build_command(
+        settings, tmp_path, "v1", [], cpu=False
+    )
+    mine = launcher.build_command(settings, tmp_path, "v1", ["--enable-chunked-prefill"], cpu=True)
+    assert "--no-enable-chunked-prefill" not in mine

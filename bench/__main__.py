@@ -1,0 +1,112 @@
+"""``python -m bench`` — what does the refusal layer cost against plain vLLM?
+
+    python -m bench run [--smoke] [--rounds 3] [--concurrency 1 16 64 256] [--no-peer] ...
+    python -m bench report bench/results/RUN.json     # the Markdown table again
+    python -m bench step [--batches 1 32 256]         # the processor's cost per engine step
+    python -m bench explain                           # why an outside run found the stack "faster"
+
+``run`` writes ``bench/results/<UTC stamp>.json`` (every round of every case,
+the same-work check, the machine, the load average) and ``.md`` (the table the
+README quotes); server and load-generator logs go to ``bench/results/logs/``.
+``--smoke`` is the test suite's: a tiny request count, one round, no peer —
+it proves the command works and measures nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def _model(path: str | None) -> str:
+    if path:
+        return path
+    from refusal_gateway.tools.demo_model import build_demo_model
+
+    return str(build_demo_model())
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from . import report as rep
+    from .run import Plan, Runner
+
+    plan = Plan(model=_model(args.model), out_dir=args.out, rounds=args.rounds,
+                concurrency=args.concurrency, modes=args.modes, output_len=args.output_len,
+                prompts_scale=args.prompts_scale, peer=not args.no_peer, plain_b=not args.no_plain_b,
+                scaling=not args.no_scaling, bind=args.bind, venv=args.venv)  # fmt: skip
+    if args.smoke:
+        plan.rounds, plan.concurrency, plan.modes = 1, [1, 4], ["stream", "nostream"]
+        plan.output_len, plan.prompts_scale, plan.peer, plan.plain_b = 8, 0.0, False, False
+        plan.prompt_lengths, plan.n_values, plan.work_prompts, plan.smoke = [100], [1, 2], 2, True
+        plan.scaling_concurrency = 4
+    runner = Runner(plan)
+    report = runner.run()
+    name = ("smoke-" if args.smoke else "") + runner.stamp
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"{name}.json").write_text(json.dumps(report, indent=1) + "\n")
+    md = rep.markdown(report)
+    (args.out / f"{name}.md").write_text(md)
+    print(md)
+    print(f"wrote {args.out / (name + '.json')} and .md")
+    failed = sum(r["failed"] or 0 for r in report["records"] + report["scaling_records"])
+    return 1 if failed else 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from . import report as rep
+
+    report = json.loads(Path(args.file).read_text())
+    report["summary"] = rep.summarize(report)
+    print(rep.markdown(report))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="plain x2, stack, stack+fields, LiteLLM peer")
+    run.add_argument("--model", help="refusal-token model dir (default: the demo model)")
+    run.add_argument("--out", type=Path, default=RESULTS)
+    run.add_argument("--rounds", type=int, default=3)
+    run.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64, 256])
+    run.add_argument("--modes", nargs="+", default=["stream", "nostream"], choices=["stream", "nostream"])
+    run.add_argument("--output-len", type=int, default=64)
+    run.add_argument("--prompts-scale", type=float, default=1.0, help="scale the request count per case")
+    run.add_argument("--bind", default="0-1", help="VLLM_CPU_OMP_THREADS_BIND of every engine")
+    run.add_argument("--venv", type=Path, default=Path(".venv-bench"), help="the LiteLLM venv")
+    run.add_argument("--no-peer", action="store_true", help="skip the LiteLLM proxy")
+    run.add_argument("--no-plain-b", action="store_true", help="skip the second plain server")
+    run.add_argument("--no-scaling", action="store_true", help="skip prompt length / n growth")
+    run.add_argument("--smoke", action="store_true", help="tiny request count, one round (tests)")
+    run.set_defaults(func=cmd_run)
+    rep = sub.add_parser("report", help="print the Markdown table of a result file")
+    rep.add_argument("file")
+    rep.set_defaults(func=cmd_report)
+    step = sub.add_parser("step", help="bench.step_overhead (processor cost per engine step)")
+    step.set_defaults(func=lambda a: _delegate("bench.step_overhead", a.rest))
+    step.add_argument("rest", nargs=argparse.REMAINDER)
+    explain = sub.add_parser("explain", help="bench.explain (the 'stack faster than plain' anomaly)")
+    explain.set_defaults(func=lambda a: _delegate("bench.explain", a.rest))
+    explain.add_argument("rest", nargs=argparse.REMAINDER)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("step", "explain"):  # their own options, passed on untouched
+        return _delegate(f"bench.{'step_overhead' if argv[0] == 'step' else 'explain'}", argv[1:])
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+def _delegate(module: str, rest: list[str]) -> int:
+    import importlib
+
+    sys.argv = [module, *rest]
+    importlib.import_module(module).main()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
