@@ -44,6 +44,14 @@ def bad_request(message: str, param: str | None = None, code: str = "invalid_val
     return GatewayError(400, message, param=param, code=code)
 
 
+def unavailable(message: str, code: str, retry_after_s: int) -> GatewayError:
+    """A 503 with ``Retry-After``: the server cannot take this request now, another may."""
+    return GatewayError(
+        503, message, type="service_unavailable_error", code=code,
+        headers=((b"retry-after", str(retry_after_s).encode()),),
+    )  # fmt: skip
+
+
 async def send_error(send: Send, error: GatewayError) -> None:
     body = error.body()
     await send(

@@ -16,10 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from refusal_plugins.vocab import RefusalManifest
+from starlette.types import Send
 
 from .access_log import RequestLog
 from .canary_check import CanaryCheck
-from .errors import GatewayError, bad_request
+from .errors import GatewayError, bad_request, send_error
 from .metrics import NO_PROFILE, BoundMetrics, get_metrics, reason_for_status
 from .policy import ApiKey, Policy
 from .protocol import RequestPlan, prepare_chat_request, prepare_completion_request
@@ -122,6 +123,11 @@ class Gateway:
 
     def reject(self, error: GatewayError) -> None:
         self.metrics.rejected[reason_for_status(error.status)].inc()
+
+    async def refuse(self, send: Send, error: GatewayError) -> None:
+        """Answer ``error`` in OpenAI's envelope, and count it."""
+        self.reject(error)
+        await send_error(send, error)
 
     # -- request side --------------------------------------------------------
     def prepare(

@@ -24,7 +24,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .access_log import RequestLog, configure_layer_logging
 from .asgi import header, read_body, replay, request_id, with_header, with_length
-from .errors import GatewayError, send_error
+from .errors import GatewayError, unavailable
 from .gateway import ROUTES, Gateway, Outcome
 from .policy import ApiKey
 from .responses import Responder
@@ -45,6 +45,7 @@ class RefusalGatewayMiddleware:
         self.gateway = gateway or Gateway.from_settings(GatewaySettings())
         self.inflight = 0
         self.drain_file = os.environ.get(DRAIN_FILE_ENV)
+        self._routes_reported = False
         logger.info(
             "refusal gateway layer on %s: model %r, %s scheme",
             ", ".join(ROUTES),
@@ -67,17 +68,17 @@ class RefusalGatewayMiddleware:
                 authorization = header(scope, b"authorization", lower=False).decode("latin-1")
                 key = self.gateway.policy.authenticate(authorization)
             except GatewayError as error:
-                await self._refuse(send, error)
+                await self.gateway.refuse(send, error)
                 return
         where = decide(path)
         if self._draining() and (where == "layer" or path == "/health"):
             # The launcher is draining: in-flight requests finish, new ones go elsewhere.
-            await self._refuse(send, self._unavailable(
+            await self.gateway.refuse(send, self._unavailable(
                 "the server is shutting down; retry shortly", "shutting_down"
             ))  # fmt: skip
             return
         if where == "closed":
-            await self._refuse(send, GatewayError(
+            await self.gateway.refuse(send, GatewayError(
                 404, f"{path} is not served here: {closed_reason(path)}",
                 type="not_found_error", code="route_not_served",
             ))  # fmt: skip
@@ -87,7 +88,7 @@ class RefusalGatewayMiddleware:
             return
         limit = self.gateway.settings.max_inflight_requests
         if limit and self.inflight >= limit:
-            await self._refuse(send, self._unavailable(
+            await self.gateway.refuse(send, self._unavailable(
                 f"the server is at its limit of {limit} requests in flight; retry shortly",
                 "server_overloaded",
             ))  # fmt: skip
@@ -106,7 +107,7 @@ class RefusalGatewayMiddleware:
             rid = request_id(scope)
             raw = await read_body(receive, gateway.settings.max_body_bytes)
         except GatewayError as error:
-            await self._refuse(send, error)
+            await self.gateway.refuse(send, error)
             return
         if raw is None:
             return  # the client went away before sending its body
@@ -116,7 +117,7 @@ class RefusalGatewayMiddleware:
         except GatewayError as error:
             log.status, log.error = error.status, error.code
             log.emit()
-            await self._refuse(send, error)
+            await self.gateway.refuse(send, error)
             return
         log.profile, log.controls = plan.profile, plan.controls
         # vLLM takes X-Request-Id as its own request id: one id from client to engine log.
@@ -129,15 +130,8 @@ class RefusalGatewayMiddleware:
             if plan.report_id is not None:
                 gateway.inbox.forget(plan.report_id)
 
-    async def _refuse(self, send: Send, error: GatewayError) -> None:
-        self.gateway.reject(error)
-        await send_error(send, error)
-
     def _unavailable(self, message: str, code: str) -> GatewayError:
-        return GatewayError(
-            503, message, type="service_unavailable_error", code=code,
-            headers=((b"retry-after", str(self.gateway.settings.retry_after_s).encode()),),
-        )  # fmt: skip
+        return unavailable(message, code, self.gateway.settings.retry_after_s)
 
     def _draining(self) -> bool:
         """Whether the launcher has started draining (it created its drain file)."""
@@ -145,7 +139,7 @@ class RefusalGatewayMiddleware:
 
     def _report_routes(self, app: Any) -> None:
         """Log every route of the app by decision (once), warning on undecided ones."""
-        if app is None or getattr(self, "_routes_reported", False):
+        if app is None or self._routes_reported:
             return
         self._routes_reported = True
         report = route_report(app)

@@ -17,7 +17,7 @@ from starlette.types import Message, Send
 
 from .access_log import RequestLog
 from .asgi import header, set_header, with_header
-from .errors import GatewayError, send_error
+from .errors import unavailable
 from .gateway import Gateway, Outcome, Route
 from .protocol import RequestPlan
 from .refusal import TextShape
@@ -127,14 +127,10 @@ class Responder:
         """vLLM's 500; a dead engine becomes a 503 + Retry-After (the launcher restarts it)."""
         if any(marker in raw for marker in ENGINE_DEAD_MARKERS):
             self.log.status = 503
-            retry_after = str(self.gateway.settings.retry_after_s).encode()
-            error = GatewayError(
-                503, "the model engine stopped while serving this request and is restarting; "
-                "retry shortly", type="service_unavailable_error", code="engine_unavailable",
-                headers=((b"retry-after", retry_after),),
-            )  # fmt: skip
-            self.gateway.reject(error)
-            await send_error(self.send, error)
+            await self.gateway.refuse(self.send, unavailable(
+                "the model engine stopped while serving this request and is restarting; "
+                "retry shortly", "engine_unavailable", self.gateway.settings.retry_after_s,
+            ))  # fmt: skip
             return
         assert self.start is not None
         await self.send(self.start)

@@ -91,14 +91,14 @@ class ShadowRule:
             c_star = 1 + max(range(len(biased) - 1), key=lambda i: (biased[1 + i], -i))
             limit = self.threshold[c_star]
             if limit is not None:
-                p_star = self._p_star(probabilities, biased, c_star)
+                p_star = self.p_star(probabilities, biased, c_star)
                 forced = c_star if p_star >= limit else 0
                 if biased[forced] > NEG_INF and not math.isnan(p_star):
                     return forced
         # No threshold applies: the greedy choice among the biased control tokens.
         return max(range(len(biased)), key=lambda i: (biased[i], -i))
 
-    def _p_star(
+    def p_star(
         self, probabilities: Sequence[float], biased: Sequence[float], c_star: int
     ) -> float:
         """``softmax(biased logits / T)[c*]`` over the whole vocabulary, estimated

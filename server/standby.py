@@ -18,12 +18,12 @@ loading or restarting (``up == 1``, ``refusal_gateway_engine_up == 0``) and
 
 from __future__ import annotations
 
-import json
 import logging
 import selectors
 import socket
 import threading
 
+from .errors import unavailable
 from .launcher_metrics import CONTENT_TYPE, LauncherMetrics
 
 logger = logging.getLogger(__name__)
@@ -53,14 +53,7 @@ def listening_socket(host: str, port: int, backlog: int = 2048) -> socket.socket
 
 def unavailable_response(message: str, retry_after_s: int) -> bytes:
     """A complete HTTP/1.1 503 with OpenAI's error envelope and Retry-After."""
-    body = json.dumps({
-        "error": {
-            "message": message,
-            "type": "service_unavailable_error",
-            "param": None,
-            "code": "engine_unavailable",
-        }
-    }).encode()
+    body = unavailable(message, "engine_unavailable", retry_after_s).body()
     head = (
         "HTTP/1.1 503 Service Unavailable\r\n"
         "Content-Type: application/json\r\n"

@@ -285,7 +285,7 @@ def _unsettled(rule, p: Sequence[float]) -> bool:
         c_star = 1 + max(range(len(refusal)), key=lambda i: (refusal[i], -i))
         limit = rule.threshold[c_star]
         if limit is not None:
-            p_star = rule._p_star(p, biased, c_star)
+            p_star = rule.p_star(p, biased, c_star)
             if math.isnan(p_star) or abs(p_star - limit) <= TIE * max(limit, 1e-12):
                 return True
     return False

@@ -7,15 +7,12 @@ test that runs against both sees the same engine; only the layer differs.
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from refusal_gateway.launcher import wait_healthy
-
-from .server import MODEL_NAME, Server, _tail, free_port, stop_process
+from .server import MODEL_NAME, Server, free_port, serving
 
 
 def plain_command(model_dir: Path, port: int, args: Sequence[str] = ()) -> list[str]:
@@ -49,16 +46,6 @@ def running_plain_vllm(
 ) -> Iterator[Server]:
     """``python -m vllm.entrypoints.openai.api_server`` on ``model_dir``, stopped on exit."""
     port = free_port()
-    with log.open("w") as out:
-        proc = subprocess.Popen(
-            plain_command(model_dir, port, args), stdout=out, stderr=subprocess.STDOUT,
-            env=plain_env(env),
-        )  # fmt: skip
-    server = Server(f"http://127.0.0.1:{port}", MODEL_NAME, model_dir, log, proc.pid)
-    try:
-        if not wait_healthy(server.base_url, proc, timeout_s):
-            state = f"exited with {proc.returncode}" if proc.poll() is not None else "not healthy"
-            raise RuntimeError(f"plain vLLM {state} after up to {timeout_s}s:\n{_tail(log)}")
+    command = plain_command(model_dir, port, args)
+    with serving(command, plain_env(env), model_dir, log, port, "plain vLLM", timeout_s) as server:
         yield server
-    finally:
-        stop_process(proc, timeout_s=60)

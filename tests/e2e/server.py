@@ -61,13 +61,23 @@ def running_server(
         **os.environ, "PYTHONUNBUFFERED": "1", "REFUSAL_GATEWAY_CANARY_SECRET": CANARY_SECRET,
         **(env or {}),
     }  # fmt: skip
+    with serving(cmd, full_env, model_dir, log, port, "server", timeout_s) as server:
+        yield server
+
+
+@contextmanager
+def serving(
+    cmd: Sequence[str], env: dict[str, str], model_dir: Path, log: Path, port: int, what: str,
+    timeout_s: float,
+) -> Iterator[Server]:
+    """Run ``cmd`` (a server on ``port``) with its output in ``log``, healthy until exit."""
     with log.open("w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=full_env)
+        proc = subprocess.Popen(list(cmd), stdout=out, stderr=subprocess.STDOUT, env=env)
     server = Server(f"http://127.0.0.1:{port}", MODEL_NAME, model_dir, log, proc.pid)
     try:
         if not wait_healthy(server.base_url, proc, timeout_s):
             state = f"exited with {proc.returncode}" if proc.poll() is not None else "not healthy"
-            raise RuntimeError(f"server {state} after up to {timeout_s}s:\n{_tail(log)}")
+            raise RuntimeError(f"{what} {state} after up to {timeout_s}s:\n{_tail(log)}")
         yield server
     finally:
         stop_process(proc, timeout_s=60)

@@ -88,6 +88,33 @@ def test_the_smallest_temperature_allowed_serves(server):
     assert_still_serving(server)
 
 
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"refusal_bias": {"safety": 1.7976931348623157e308}}, "refusal_bias.safety"),
+        ({"refusal_bias": {"safety": -1.7976931348623157e308}}, "refusal_bias.safety"),
+        ({"refusal_threshold": {"safety": 5e-324}}, None),  # tiny but valid: answered
+        ({"refusal_bias": {"safety": -0.0}, "refusal_threshold": -0.0}, None),
+        ({"refusal_bias": {"safety": 5e-324}, "refusal_temperature": 100.0,
+          "refusal_threshold": 1.0}, None),
+    ],
+)
+def test_float_edges_of_the_refusal_fields(server, fields, param):
+    reply = post(server, "/v1/chat/completions", chat(server, max_tokens=1, **fields))
+    if param is None:
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["choices"][0]["refusal_decision"]["token"] is not None
+    else:
+        assert_error(reply, 400, param)
+    assert_still_serving(server)
+
+
+def test_a_body_over_the_limit_is_a_413(server):
+    huge = chat(server, user="x" * (17 * 1024 * 1024))
+    assert_error(post(server, "/v1/chat/completions", huge), 413)
+    assert_still_serving(server)
+
+
 # 2. No route bypasses the layer --------------------------------------------------------
 
 

@@ -135,7 +135,7 @@ def test_the_estimate_errs_in_the_documented_direction() -> None:
     for T, bound in ((0.5, "lower"), (2.0, "upper")):
         scaled = torch.tensor(logits, dtype=torch.float64) / T
         exact = float(torch.softmax(scaled, dim=0)[man.ids[1]])
-        estimate = rule[T]._p_star(values, [math.log(v) for v in values], 1)
+        estimate = rule[T].p_star(values, [math.log(v) for v in values], 1)
         assert (estimate < exact) if bound == "lower" else (estimate > exact), (T, estimate, exact)
 
 
