@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import httpx
 import psutil
@@ -41,17 +41,44 @@ def engine_cores(server: Server) -> list[psutil.Process]:
     return [p for p in children if "EngineCore" in " ".join([p.name(), *p.cmdline()])]
 
 
-def wait_for_running(server: Server, timeout_s: float = 60) -> bool:
-    """Poll vLLM's own gauge until a request is running (a hang guard, not a timing check)."""
+def wait_for_running(server: Server, request: Future[httpx.Response], timeout_s: float = 60) -> bool:
+    """Poll vLLM's own gauge until a request is running (a hang guard, not a timing check).
+
+    False as soon as ``request`` has finished: on a fast tiny model a whole request
+    can run between two polls, and the caller then sends a longer one.
+    """
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and not request.done():
         metrics = httpx.get(server.base_url + "/metrics", timeout=10).text
         running = [line for line in metrics.splitlines()
                    if line.startswith("vllm:num_requests_running")]
-        if any(float(line.rsplit(" ", 1)[1]) >= 1 for line in running):
+        if any(float(line.rsplit(" ", 1)[1]) >= 1 for line in running) and not request.done():
             return True
-        time.sleep(0.1)
+        time.sleep(0.05)
     return False
+
+
+def kill_engine_under_a_request(server: Server, cores: list[psutil.Process]) -> httpx.Response:
+    """Kill the engine while a long request is running in it; return that request's answer.
+
+    Each try asks for more work (``n`` parallel samples of the longest answer the
+    model allows), so a request outlives the polling even on a fast machine.
+    """
+    with ThreadPoolExecutor(1) as pool:
+        for n in (8, 32, 128):
+            long = {"model": server.model, "messages": [{"role": "user", "content": "Hi"}],
+                    "max_tokens": 480, "ignore_eos": True, "n": n,
+                    "refusal_bias": {"refuse": -100}}
+            in_flight = pool.submit(
+                httpx.post, server.api_url + "/chat/completions", json=long, timeout=300
+            )
+            if wait_for_running(server, in_flight):
+                for process in cores:
+                    process.kill()
+                return in_flight.result()
+            finished = in_flight.result()
+            assert finished.status_code == 200, finished.text
+    pytest.fail("no request stayed in the engine long enough to be interrupted")
 
 
 def launcher_knows_it_is_healthy(server: Server, timeout_s: float = 60) -> bool:
@@ -70,16 +97,7 @@ def test_engine_death_gives_503_with_retry_after_then_recovers(restartable: Serv
     cores = engine_cores(restartable)
     assert cores, "no EngineCore process under the launcher"
     # A request in flight when the engine dies gets the same 503 as the ones after it.
-    long = {"model": restartable.model, "messages": [{"role": "user", "content": "Hi"}],
-            "max_tokens": 480, "ignore_eos": True, "refusal_bias": {"refuse": -100}}
-    with ThreadPoolExecutor(1) as pool:
-        in_flight = pool.submit(
-            httpx.post, restartable.api_url + "/chat/completions", json=long, timeout=120
-        )
-        assert wait_for_running(restartable), "the long request never reached the engine"
-        for process in cores:
-            process.kill()
-        interrupted = in_flight.result()
+    interrupted = kill_engine_under_a_request(restartable, cores)
     assert interrupted.status_code == 503, interrupted.text
     assert interrupted.headers["retry-after"] == str(RETRY_AFTER_S)
     assert interrupted.json()["error"]["code"] == "engine_unavailable"
