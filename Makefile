@@ -32,7 +32,7 @@ unit: $(STAMP)
 	$(PY) -m pytest tests/unit -q
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check server plugins tests bench
+	$(VENV)/bin/ruff check server plugins training tests bench
 
 # `make bench`: plain vLLM (twice: the noise floor), the stack with and without
 # refusal fields, and the LiteLLM proxy as a peer, driven by vLLM's own

@@ -25,7 +25,7 @@ RESULTS = Path(__file__).parent / "results"
 def _model(path: str | None) -> str:
     if path:
         return path
-    from refusal_gateway.tools.demo_model import build_demo_model
+    from refusal_training.demo_model import build_demo_model
 
     return str(build_demo_model())
 

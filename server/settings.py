@@ -23,6 +23,10 @@ ENV_PREFIX = "REFUSAL_GATEWAY_"
 #: vLLM's processes): from then on the layer admits no new generation request.
 DRAIN_FILE_ENV = ENV_PREFIX + "DRAIN_FILE"
 DEMO_MODEL = "demo"
+#: Models the training kit builds (once, cached) when named instead of a directory:
+#: name -> served model name. The launcher asks the kit for the path in a child
+#: process (``python -m refusal_training.build NAME``), so serving imports none of it.
+BUILT_MODELS: dict[str, str] = {DEMO_MODEL: "refusal-demo"}
 
 
 def _default_cache_dir() -> Path:
@@ -128,17 +132,22 @@ class GatewaySettings(BaseSettings):
     )
 
     def model_dir(self) -> Path:
-        """The model directory, building nothing (see the launcher for the demo)."""
-        if self.model == DEMO_MODEL:
-            from .tools.demo_model import demo_model_dir
+        """The model directory; a built model's name is resolved by the launcher.
 
-            return demo_model_dir(self.cache_dir)
+        The launcher hands vLLM's processes the resolved directory (the
+        environment's ``REFUSAL_GATEWAY_MODEL``), so the layer never meets a name.
+        """
+        if self.model in BUILT_MODELS:
+            raise ValueError(
+                f"model {self.model!r} is built by the training kit; the launcher resolves "
+                "it (refusal-gateway serve, or refusal-gateway build-model)"
+            )
         return Path(self.model).expanduser().resolve()
 
     def model_name(self) -> str:
         if self.served_model_name:
             return self.served_model_name
-        return "refusal-demo" if self.model == DEMO_MODEL else Path(self.model).name
+        return BUILT_MODELS.get(self.model) or Path(self.model).name
 
     def to_env(self) -> dict[str, str]:
         """The settings as environment variables for the vLLM process."""

@@ -27,7 +27,7 @@ def demo_model_dir() -> Path:
     """
     import os
 
-    from refusal_gateway.tools.demo_model import build_demo_model, demo_model_dir
+    from refusal_training.demo_model import build_demo_model, demo_model_dir
 
     given = os.environ.get("REFUSAL_GATEWAY_TEST_MODEL_DIR")
     if given:

@@ -26,7 +26,7 @@ def sample_prompts(n: int, seed: int = 0) -> list[str]:
     if all(f.is_file() for f in files):
         rows = [json.loads(line)["prompt"] for f in files for line in f.read_text().splitlines() if line]
     else:
-        from refusal_gateway.tools.demo_model import load_corpus
+        from refusal_training.demo_model import load_corpus
 
         rows = [e.prompt for e in load_corpus()]
     return random.Random(seed).sample(rows, n)

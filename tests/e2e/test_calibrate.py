@@ -10,10 +10,10 @@ import sys
 import numpy as np
 import pytest
 from refusal_gateway.policy import Policy
-from refusal_gateway.tools.calibrate import Scores, decisions, figures
-from refusal_gateway.tools.scoring import Labelled, control_probabilities, read_jsonl
 from refusal_plugins.params import RefusalParams
 from refusal_plugins.vocab import RefusalManifest
+from refusal_training.calibrate import Scores, decisions, figures
+from refusal_training.scoring import Labelled, control_probabilities, read_jsonl
 
 from . import checks
 
@@ -29,7 +29,7 @@ def labelled_rows(n_each: int) -> list[dict]:
     if all(f.is_file() for f in files):
         rows = [json.loads(line) for f in files for line in f.read_text().splitlines() if line]
     else:
-        from refusal_gateway.tools.demo_model import corpus_path
+        from refusal_training.demo_model import corpus_path
 
         rows = [json.loads(line) for line in corpus_path().read_text().splitlines() if line]
     rng = random.Random(7)

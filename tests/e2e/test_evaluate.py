@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from refusal_gateway.canary import canary_prompts_path
-from refusal_gateway.tools.scoring import auroc
+from refusal_training.scoring import auroc
 
 from ..conftest import SHARED_DATA
 from . import checks

@@ -21,7 +21,7 @@ from openai import OpenAI
 from prometheus_client.parser import text_string_to_metric_families
 from refusal_gateway.canary import load_canary_prompts
 from refusal_gateway.policy import Policy, PolicyFile
-from refusal_gateway.shadow import ShadowRule
+from refusal_plugins.rule import ShadowRule
 from refusal_plugins.vocab import RefusalManifest
 
 from .server import Server, running_server

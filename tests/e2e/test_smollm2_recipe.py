@@ -103,8 +103,8 @@ def _close(got: float, want: float, ties: int, n: int) -> bool:
 
 @pytest.fixture(scope="module")
 def recipe_run(shared_data: Path, demo_model_dir: Path, tmp_path_factory) -> dict:
-    from refusal_gateway.tools.smollm2 import DataFiles
-    from refusal_gateway.tools.smollm2_recipe import RecipeOptions, run_recipe
+    from refusal_training.smollm2 import DataFiles
+    from refusal_training.smollm2_recipe import RecipeOptions, run_recipe
 
     options = RecipeOptions(
         files=DataFiles.from_data_dir(shared_data),

@@ -103,8 +103,8 @@ def run_probe(model_dir: Path, result_path: Path, log_path: Path) -> dict:
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_trained_model_serves_control_tokens_first_in_vllm(arch, tmp_path):
-    from refusal_gateway.tools import train as tr
     from refusal_plugins.vocab import RefusalManifest
+    from refusal_training import train as tr
     from transformers import AutoTokenizer
 
     from tests.unit.test_train import options, tiny_base, tiny_rows, write_jsonl

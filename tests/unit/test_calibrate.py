@@ -12,10 +12,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from refusal_gateway import cli
 from refusal_gateway.policy import Policy
-from refusal_gateway.tools import calibrate as cal
-from refusal_gateway.tools.scoring import Labelled
 from refusal_plugins.core import decide
 from refusal_plugins.params import RefusalParams
+from refusal_training import calibrate as cal
+from refusal_training.scoring import Labelled
 
 from .helpers import categorical_manifest
 

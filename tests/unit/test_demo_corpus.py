@@ -1,4 +1,4 @@
-"""The demo corpus: a fresh, pure function of ``server/demo/sources`` with sane labels."""
+"""The demo corpus: a fresh, pure function of ``training/refusal_training/demo/sources`` with sane labels."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from refusal_plugins.vocab import COCONOT_CATEGORIES
 
-DEMO = Path(__file__).resolve().parents[2] / "server" / "demo"
+DEMO = Path(__file__).resolve().parents[2] / "training" / "refusal_training" / "demo"
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +26,7 @@ def rows():
 
 
 def test_corpus_is_fresh(compose):
-    assert compose.main(["--check"]) == 0, "run server/demo/compose.py to refresh corpus.jsonl"
+    assert compose.main(["--check"]) == 0, "run training/refusal_training/demo/compose.py to refresh corpus.jsonl"
 
 
 def test_every_category_and_respond_present(rows):

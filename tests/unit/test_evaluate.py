@@ -11,8 +11,8 @@ import httpx
 import numpy as np
 import pytest
 from refusal_gateway import cli
-from refusal_gateway.tools import evaluate as ev
-from refusal_gateway.tools.scoring import auroc
+from refusal_training import evaluate as ev
+from refusal_training.scoring import auroc
 
 KEYS = ["respond", "humanizing", "incomplete", "indeterminate", "safety", "unsupported"]
 
@@ -489,7 +489,7 @@ def test_eval_imports_no_torch():
 
     code = (
         "import sys, refusal_gateway.cli as c; c.parser();"
-        "import refusal_gateway.tools.evaluate as e;"
+        "import refusal_training.evaluate as e;"
         "e.offline_decisions([{'respond': .9, 'safety': .1}], ['respond', 'safety'], e.Settings());"
         "print(sorted(m for m in ('torch', 'transformers', 'vllm', 'matplotlib') if m in sys.modules))"
     )

@@ -27,3 +27,66 @@ def test_importing_the_middleware_alone_loads_no_torch():
 def test_plugins_import_nothing_of_the_gateway():
     loaded = _modules_after("import refusal_plugins.v1, refusal_plugins.wire, refusal_plugins.core")
     assert not {m for m in loaded if m.startswith("refusal_gateway")}
+    assert not {m for m in loaded if m.startswith("refusal_training")}
+
+
+def test_serving_imports_nothing_of_the_training_kit():
+    """``refusal-gateway serve`` builds named models in a child process (refusal_training.build)."""
+    loaded = _modules_after(
+        "import refusal_gateway.cli, refusal_gateway.launcher, refusal_gateway.middleware, "
+        "refusal_gateway.vllm_entry; refusal_gateway.cli.parser()"
+    )
+    assert not {m for m in loaded if m.startswith("refusal_training")}
+
+
+def test_the_training_kit_imports_nothing_of_the_gateway():
+    """The kit shares the plugins' vocabulary and rule, never the gateway's modules."""
+    import pkgutil
+
+    import refusal_training
+
+    names = [f"refusal_training.{m.name}" for m in pkgutil.iter_modules(refusal_training.__path__)]
+    loaded = _modules_after("import " + ", ".join(names))
+    assert not {m for m in loaded if m.startswith("refusal_gateway")}
+
+
+def test_no_import_cycles_between_modules():
+    """No module of ours reaches itself through the imports it makes (at any depth)."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    packages = {"refusal_gateway": root / "server", "refusal_plugins": root / "plugins",
+                "refusal_training": root / "training" / "refusal_training"}
+    graph: dict[str, set[str]] = {}
+    for package, folder in packages.items():
+        for path in folder.rglob("*.py"):
+            name = ".".join([package, *path.relative_to(folder).with_suffix("").parts])
+            name = name.removesuffix(".__init__")
+            deps: set[str] = set()
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.ImportFrom):
+                    base = node.module or ""
+                    if node.level:
+                        parent = name.rsplit(".", node.level)[0]
+                        base = f"{parent}.{base}" if base else parent
+                    deps |= {base} | {f"{base}.{a.name}" for a in node.names}
+                elif isinstance(node, ast.Import):
+                    deps |= {a.name for a in node.names}
+            graph[name] = deps
+    graph = {m: {d for d in deps if d in graph and d != m} for m, deps in graph.items()}
+
+    def cycle_from(start: str) -> list[str] | None:
+        stack, seen = [(start, [start])], set()
+        while stack:
+            node, path = stack.pop()
+            for dep in graph[node]:
+                if dep == start:
+                    return path
+                if dep not in seen:
+                    seen.add(dep)
+                    stack.append((dep, [*path, dep]))
+        return None
+
+    cycles = [c for m in sorted(graph) if (c := cycle_from(m))]
+    assert not cycles, f"import cycles: {cycles[:3]}"

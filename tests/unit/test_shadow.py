@@ -16,9 +16,10 @@ import torch
 from prometheus_client import CollectorRegistry
 from pydantic import ValidationError
 from refusal_gateway.policy import Policy, PolicyFile
-from refusal_gateway.shadow import ShadowDecisions, ShadowRule
+from refusal_gateway.shadow import ShadowDecisions
 from refusal_plugins.core import RefusalTable, apply_rows
 from refusal_plugins.params import RefusalParams, parse_refusal_params
+from refusal_plugins.rule import ShadowRule
 from refusal_plugins.vocab import ControlToken, RefusalManifest, scheme_keys
 
 from .helpers import categorical_manifest

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 from refusal_gateway.cli import parser
-from refusal_gateway.tools import smollm2
-from refusal_gateway.tools.smollm2 import DataFiles, sample_rows, split_data
-from refusal_gateway.tools.smollm2_recipe import options_from_args, report_markdown
-from refusal_gateway.tools.train_data import load_rows
 from refusal_plugins.vocab import COCONOT_CATEGORIES
+from refusal_training import smollm2
+from refusal_training.smollm2 import DataFiles, sample_rows, split_data
+from refusal_training.smollm2_recipe import options_from_args, report_markdown
+from refusal_training.train_data import load_rows
 
 #: Rows per category in the synthetic refuse file (odd counts test the rounding).
 PER_CATEGORY = {"safety": 9, "incomplete": 6, "unsupported": 5, "indeterminate": 4, "humanizing": 3}

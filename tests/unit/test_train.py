@@ -17,32 +17,32 @@ os.environ.setdefault("RAYON_NUM_THREADS", "1")  # deterministic BPE merges
 
 torch = pytest.importorskip("torch")
 
-from refusal_gateway.tools import train as tr  # noqa: E402
-from refusal_gateway.tools.chat_template import ensure_chat_template, turn_end_id  # noqa: E402
-from refusal_gateway.tools.checkpoints import CHECKPOINTS_DIR, DirectoryCheckpointer  # noqa: E402
-from refusal_gateway.tools.control_tokens import (  # noqa: E402
-    add_control_tokens,
-    init_rows_with_mean,
-    parse_token_overrides,
-    resize_embeddings,
-    token_texts,
-)
-from refusal_gateway.tools.refusal_texts import REFUSAL_TEXTS, refusal_text  # noqa: E402
-from refusal_gateway.tools.scoring import read_jsonl  # noqa: E402
-from refusal_gateway.tools.sft import IGNORE, Example, encode  # noqa: E402
-from refusal_gateway.tools.train_data import (  # noqa: E402
-    fitting_examples,
-    load_rows,
-    rows_to_examples,
-    split_holdout,
-    write_holdout,
-)
 from refusal_plugins.vocab import (  # noqa: E402
     COCONOT_CATEGORIES,
     REFUSE_KEY,
     RefusalManifest,
     default_token_text,
     scheme_keys,
+)
+from refusal_training import train as tr  # noqa: E402
+from refusal_training.chat_template import ensure_chat_template, turn_end_id  # noqa: E402
+from refusal_training.checkpoints import CHECKPOINTS_DIR, DirectoryCheckpointer  # noqa: E402
+from refusal_training.control_tokens import (  # noqa: E402
+    add_control_tokens,
+    init_rows_with_mean,
+    parse_token_overrides,
+    resize_embeddings,
+    token_texts,
+)
+from refusal_training.refusal_texts import REFUSAL_TEXTS, refusal_text  # noqa: E402
+from refusal_training.scoring import read_jsonl  # noqa: E402
+from refusal_training.sft import IGNORE, Example, encode  # noqa: E402
+from refusal_training.train_data import (  # noqa: E402
+    fitting_examples,
+    load_rows,
+    rows_to_examples,
+    split_holdout,
+    write_holdout,
 )
 from safetensors.torch import load_file  # noqa: E402
 
@@ -424,7 +424,7 @@ def test_loss_mask_covers_control_response_and_turn_end(trained, arch):
 
 
 def test_long_responses_are_clipped_and_long_prompts_skipped(trained, caplog):
-    from refusal_gateway.tools.sft import PromptTooLong
+    from refusal_training.sft import PromptTooLong
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(trained["llama"].out)
@@ -617,7 +617,7 @@ def test_cli_builds_the_options(tmp_path):
 
 def test_prompt_weight_scores_the_prompt_and_keeps_the_decision_weight():
     """The demo build's prompt LM loss: prompt positions get plain next-token labels at their weight."""
-    from refusal_gateway.tools.sft import IGNORE, Encoded, _batch
+    from refusal_training.sft import IGNORE, Encoded, _batch
 
     e = Encoded(input_ids=[5, 6, 7, 8, 9], labels=[IGNORE, IGNORE, IGNORE, 8, 9], decision_index=3)
     short = Encoded(input_ids=[5, 8], labels=[IGNORE, 8], decision_index=1)

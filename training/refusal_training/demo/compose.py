@@ -1,7 +1,7 @@
 """Compose the demo model's corpus: handwritten rows plus templates x slots.
 
-    .venv/bin/python server/demo/compose.py          # rewrite server/demo/corpus.jsonl
-    .venv/bin/python server/demo/compose.py --check  # exit 1 if corpus.jsonl is stale
+    .venv/bin/python training/refusal_training/demo/compose.py          # rewrite training/refusal_training/demo/corpus.jsonl
+    .venv/bin/python training/refusal_training/demo/compose.py --check  # exit 1 if corpus.jsonl is stale
 
 Everything here was written for this project (no external prompt set is read).
 The ``sources/*.jsonl`` files hold rows as written (``handwritten.jsonl``, the

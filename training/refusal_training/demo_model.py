@@ -1,6 +1,6 @@
 """Build the embedded demo model: a small refusal-token Llama trained from scratch.
 
-Everything comes from the project itself: the corpus in ``server/demo/``
+Everything comes from the project itself: the corpus in ``training/refusal_training/demo/``
 (written by us: handwritten rows plus rows composed from our own templates by
 ``demo/compose.py``), a byte-level BPE tokenizer trained on it with the six control
 tokens of the paper's categorical scheme as special tokens, and a chat template
@@ -30,6 +30,7 @@ from refusal_plugins.vocab import (
     scheme_keys,
 )
 
+from .paths import cache_root
 from .sft import Example, TrainConfig, train
 
 logger = logging.getLogger(__name__)
@@ -77,7 +78,7 @@ class DemoRecipe:
 
 
 def corpus_path() -> Path:
-    return Path(str(resources.files("refusal_gateway") / "demo" / "corpus.jsonl"))
+    return Path(str(resources.files("refusal_training") / "demo" / "corpus.jsonl"))
 
 
 def load_corpus(path: Path | None = None, written_repeats: int = 1) -> list[Example]:
@@ -114,10 +115,8 @@ def demo_model_dir(cache_dir: Path | None = None, recipe: DemoRecipe | None = No
 
     ``cache_dir`` defaults to the settings' (``REFUSAL_GATEWAY_CACHE_DIR``).
     """
-    from ..settings import GatewaySettings
-
     recipe = recipe or DemoRecipe()
-    root = cache_dir or GatewaySettings().cache_dir
+    root = cache_root(cache_dir)
     return root / "models" / f"demo-{cache_key(recipe)}"
 
 

