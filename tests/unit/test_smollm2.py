@@ -13,11 +13,10 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from refusal_gateway.cli import parser
 from refusal_plugins.vocab import COCONOT_CATEGORIES
 from refusal_training import smollm2
 from refusal_training.smollm2 import DataFiles, sample_rows, split_data
-from refusal_training.smollm2_recipe import options_from_args, report_markdown
+from refusal_training.smollm2_recipe import options_from_args, parser, report_markdown
 from refusal_training.train_data import load_rows
 
 #: Rows per category in the synthetic refuse file (odd counts test the rounding).
@@ -209,22 +208,22 @@ def test_converted_model_is_cached(tmp_path, monkeypatch):
 def test_recipe_flags(tmp_path, files):
     root = files.refuse.parents[1]
     args = parser().parse_args(
-        ["recipe", "smollm2", "--data-dir", str(root), "--out", str(tmp_path / "o"), "--steps", "3"]
+        ["--data-dir", str(root), "--out", str(tmp_path / "o"), "--steps", "3"]
     )
     options = options_from_args(args)
     assert options.files == files and options.steps == 3 and options.heldout_fraction == 0.5
     assert options.calibration_fraction == 0.5 and options.target_over_refusal == 0.1
     args = parser().parse_args(
-        ["recipe", "smollm2", "--data-dir", str(root), "--out", str(tmp_path / "o"),
+        ["--data-dir", str(root), "--out", str(tmp_path / "o"),
          "--target-over-refusal", "-1", "--calibration-fraction", "0"]
     )  # fmt: skip
     options = options_from_args(args)
     assert options.target_over_refusal is None and options.calibration_fraction == 0
-    args = parser().parse_args(["recipe", "smollm2", "--out", str(tmp_path / "o")])
+    args = parser().parse_args(["--out", str(tmp_path / "o")])
     with pytest.raises(SystemExit):
         options_from_args(args)
     args = parser().parse_args(
-        ["recipe", "smollm2", "--data-dir", str(tmp_path / "nowhere"), "--out", str(tmp_path)]
+        ["--data-dir", str(tmp_path / "nowhere"), "--out", str(tmp_path)]
     )
     with pytest.raises(SystemExit, match="missing data files"):
         options_from_args(args)

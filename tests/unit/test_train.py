@@ -602,16 +602,14 @@ def test_lora_control_rows_learn_at_their_own_rate(bases, data, tmp_path):
 
 
 def test_cli_builds_the_options(tmp_path):
-    from refusal_gateway.cli import parser
-
-    args = parser().parse_args(
-        ["train", "--base", "b", "--out", "o", "--data", "x.jsonl", "y.jsonl", "--scheme", "binary",
+    args = tr.parser().parse_args(
+        ["--base", "b", "--out", "o", "--data", "x.jsonl", "y.jsonl", "--scheme", "binary",
          "--token", "refuse=<no>", "--lora", "--max-steps", "7", "--holdout-fraction", "0.1"]
     )  # fmt: skip
     opts = tr.options_from_args(args)
     assert opts.scheme == "binary" and opts.tokens == {"refuse": "<no>"} and opts.lora
     assert opts.data == (Path("x.jsonl"), Path("y.jsonl")) and opts.max_steps == 7
-    assert opts.holdout_fraction == 0.1 and args.func.__name__ == "_train"
+    assert opts.holdout_fraction == 0.1
     assert opts.token_lr_scale == 30.0
 
 

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from .sft import LoopState
-    from .train import TrainOptions
+    from .train_options import TrainOptions
 
 logger = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from .control_tokens import tied_embeddings
 
 if TYPE_CHECKING:
-    from .train import TrainOptions
+    from .train_options import TrainOptions
 
 logger = logging.getLogger(__name__)
 

