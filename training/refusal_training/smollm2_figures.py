@@ -13,7 +13,7 @@ import time
 import warnings
 from pathlib import Path
 
-from .smollm2 import Split
+from .smollm2_data import Split
 from .smollm2_options import RecipeOptions
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .options_cli import option
-from .smollm2 import DataFiles
+from .smollm2_data import DataFiles
 
 
 @dataclass(frozen=True)
