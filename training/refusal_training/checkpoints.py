@@ -21,11 +21,9 @@ import logging
 import shutil
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from .sft import LoopState
-    from .train_options import TrainOptions
+from .loop_state import LoopState
+from .train_options import TrainOptions
 
 logger = logging.getLogger(__name__)
 
@@ -53,8 +51,6 @@ class DirectoryCheckpointer:
     def restore(self, model, optimizer) -> LoopState | None:
         import torch
         from safetensors.torch import load_file
-
-        from .sft import LoopState
 
         if not self.resume:
             return None

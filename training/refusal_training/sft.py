@@ -22,13 +22,19 @@ import logging
 import math
 import random
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
 
+from .loop_state import Checkpointer, LoopState, capture_rng, restore_rng
+
 logger = logging.getLogger(__name__)
+
+__all__ = [
+    "IGNORE", "Checkpointer", "Encoded", "Example", "LoopState", "PromptTooLong", "TrainConfig",
+    "encode", "train",
+]  # fmt: skip
 
 IGNORE = -100
 
@@ -160,48 +166,6 @@ def _length_grouped_batches(
     return batches
 
 
-@dataclass
-class LoopState:
-    """Everything besides weights and optimizer that decides the next steps.
-
-    ``batches`` is the rest of the current epoch and ``rng_state`` the batch
-    shuffler's state: with both restored, a resumed run sees exactly the
-    batches an uninterrupted run would have seen.
-    """
-
-    step: int = 0  # steps done
-    losses: list[float] = field(default_factory=list)
-    batches: list[list[int]] = field(default_factory=list)
-    rng_state: Any = None  # random.Random.getstate() of the batch shuffler
-    torch_rng_state: Any = None  # torch.get_rng_state() (dropout, if any)
-    cuda_rng_state: Any = None  # torch.cuda.get_rng_state_all() where CUDA is used
-
-
-class Checkpointer(Protocol):
-    """Saves and restores a training run (``refusal-gateway train`` writes directories)."""
-
-    def restore(self, model, optimizer) -> LoopState | None:
-        """Load the latest checkpoint into ``model`` and ``optimizer``; None to start fresh."""
-        ...
-
-    def after_step(self, model, optimizer, state: LoopState, total_steps: int) -> None:
-        """Called after every optimizer step; saves when it is time to."""
-        ...
-
-
-def _capture_rng(state: LoopState, rng: random.Random) -> None:
-    state.rng_state = rng.getstate()
-    state.torch_rng_state = torch.get_rng_state()
-    state.cuda_rng_state = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
-
-
-def _restore_rng(state: LoopState, rng: random.Random) -> None:
-    rng.setstate(state.rng_state)
-    torch.set_rng_state(state.torch_rng_state)
-    if state.cuda_rng_state is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state.cuda_rng_state)
-
-
 def train(
     model,
     tokenizer,
@@ -268,7 +232,7 @@ def train(
     restored = checkpointer.restore(model, optimizer) if checkpointer else None
     if restored is not None:
         state = restored
-        _restore_rng(state, rng)
+        restore_rng(state, rng)
         logger.info("resuming at step %d of %d", state.step, config.steps)
     batches, losses = state.batches, state.losses
     model.train()
@@ -310,7 +274,7 @@ def train(
         losses.append(loss.item())
         if checkpointer is not None:
             state.step, state.batches, state.losses = step + 1, batches, losses
-            _capture_rng(state, rng)
+            capture_rng(state, rng)
             checkpointer.after_step(model, optimizer, state, config.steps)
     model.eval()
     return losses
