@@ -29,6 +29,7 @@ from .errors import bad_request
 from .fields import Kind, check_fields
 from .policy import PROFILE_FIELD, ApiKey, Policy
 from .refusal import ControlText
+from .request_checks import check_token_ids, choice_count, is_structured
 
 
 class Reports(Protocol):
@@ -113,57 +114,6 @@ def take_refusal_params(body: dict[str, Any], manifest: RefusalManifest) -> Refu
     return params
 
 
-#: ``response_format`` types that constrain the first token with a grammar.
-STRUCTURED_FORMATS = frozenset({"json_object", "json_schema", "structural_tag"})
-
-
-def _check_token_ids(body: dict[str, Any], control: ControlText) -> None:
-    """Token-id fields may not name control tokens (they are the model's decision)."""
-    ids = control.ids
-    bias = body.get("logit_bias")
-    if isinstance(bias, dict):
-        for key in bias:
-            if _as_id(key) in ids:
-                raise bad_request(
-                    f"logit_bias may not name control token {key}: use refusal_bias",
-                    param="logit_bias",
-                )
-    for name in ("stop_token_ids", "logprob_token_ids"):
-        values = body.get(name)
-        if isinstance(values, list) and ids.intersection(values):
-            raise bad_request(f"{name} may not contain control tokens {sorted(ids)}", param=name)
-    allowed = body.get("allowed_token_ids")
-    if isinstance(allowed, list) and not ids.issubset(allowed):
-        raise bad_request(
-            "allowed_token_ids must include every control token "
-            f"{sorted(ids)}: the first token is the model's decision",
-            param="allowed_token_ids",
-        )
-
-
-def _as_id(key: Any) -> int | None:
-    try:
-        return int(key)
-    except (TypeError, ValueError):
-        return None
-
-
-def _structured(body: dict[str, Any]) -> bool:
-    """Whether the request constrains its output with a grammar (JSON mode and kin)."""
-    fmt = body.get("response_format")
-    typed = isinstance(fmt, dict) and fmt.get("type") in STRUCTURED_FORMATS
-    return typed or bool(body.get("structured_outputs"))
-
-
-def _count(body: dict[str, Any]) -> int:
-    n = body.get("n")
-    if n is None:
-        return 1
-    if n < 1:  # its JSON type was checked in fields.check_fields
-        raise bad_request(f"n must be at least 1, got {n}", param="n")
-    return n
-
-
 def _prepare(
     body: dict[str, Any],
     kind: Kind,
@@ -181,12 +131,12 @@ def _prepare(
     prompts would share one id, so they go without.
     """
     check_fields(body, kind)
-    _check_token_ids(body, control)
-    n = _count(body)
+    check_token_ids(body, control)
+    n = choice_count(body)
     profile_name = body.pop(PROFILE_FIELD, None)
     requested = take_refusal_params(body, manifest)
     params, profile = policy.resolve(profile_name, requested, key)
-    if _structured(body) and (params.bias or params.threshold):
+    if is_structured(body) and (params.bias or params.threshold):
         raise bad_request(
             "structured output (response_format / structured_outputs) cannot be combined with "
             "refusal controls: its grammar masks the control tokens, so the controls would be "
