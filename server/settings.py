@@ -23,10 +23,12 @@ ENV_PREFIX = "REFUSAL_GATEWAY_"
 #: vLLM's processes): from then on the layer admits no new generation request.
 DRAIN_FILE_ENV = ENV_PREFIX + "DRAIN_FILE"
 DEMO_MODEL = "demo"
+#: What ``refusal-gateway serve`` serves when no model is named (README, Quality).
+DEFAULT_MODEL = "smollm2"
 #: Models the training kit builds (once, cached) when named instead of a directory:
 #: name -> served model name. The launcher asks the kit for the path in a child
 #: process (``python -m refusal_training.build NAME``), so serving imports none of it.
-BUILT_MODELS: dict[str, str] = {DEMO_MODEL: "refusal-demo"}
+BUILT_MODELS: dict[str, str] = {DEFAULT_MODEL: "refusal-smollm2", DEMO_MODEL: "refusal-demo"}
 
 
 def _default_cache_dir() -> Path:
@@ -39,14 +41,15 @@ class GatewaySettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore")
 
     model: str = Field(
-        DEMO_MODEL,
-        description="Refusal-token model directory (with refusal_manifest.json), or 'demo' "
-        "for the embedded demo model, built on first use.",
+        DEFAULT_MODEL,
+        description="Refusal-token model directory (with refusal_manifest.json), or a model "
+        "the training kit builds on first use: 'smollm2' (the default: SmolLM2-135M-Instruct "
+        "with a fitted decision head) or 'demo' (the tiny test model).",
     )
     served_model_name: str | None = Field(
         None,
-        description="Model name clients use; default 'refusal-demo' for the demo model, "
-        "else the model directory's name.",
+        description="Model name clients use; default 'refusal-smollm2' / 'refusal-demo' for "
+        "the built models, else the model directory's name.",
     )
     host: str = Field("127.0.0.1", description="Interface to listen on (0.0.0.0 in containers).")
     port: int = Field(8000, ge=1, le=65535, description="HTTP port.")

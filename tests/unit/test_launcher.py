@@ -31,7 +31,7 @@ def test_environment_carries_the_resolved_settings(tmp_path, monkeypatch):
     settings = GatewaySettings(refusal_content="copy")
     env = launcher.build_env(settings, tmp_path, "v1", {"VLLM_CPU_KVCACHE_SPACE": "3"})
     assert env["REFUSAL_GATEWAY_MODEL"] == str(tmp_path)
-    assert env["REFUSAL_GATEWAY_SERVED_MODEL_NAME"] == "refusal-demo"
+    assert env["REFUSAL_GATEWAY_SERVED_MODEL_NAME"] == "refusal-smollm2"  # the default model
     assert env["REFUSAL_GATEWAY_REFUSAL_CONTENT"] == "copy"
     assert env["VLLM_USE_V2_MODEL_RUNNER"] == "0"
     assert env["VLLM_CPU_KVCACHE_SPACE"] == "3"  # the user's value is kept
@@ -40,7 +40,7 @@ def test_environment_carries_the_resolved_settings(tmp_path, monkeypatch):
         if key.startswith("REFUSAL_GATEWAY_"):
             monkeypatch.setenv(key, value)
     inside = GatewaySettings()
-    assert inside.model_dir() == tmp_path and inside.model_name() == "refusal-demo"
+    assert inside.model_dir() == tmp_path and inside.model_name() == "refusal-smollm2"
     assert inside.refusal_content == "copy"
     assert GatewaySettings.model_validate({"model": env["REFUSAL_GATEWAY_MODEL"]}).model_dir() == tmp_path
 

@@ -23,8 +23,14 @@ def _demo(cache_dir: Path | None) -> Path:
     return build_demo_model(demo_model_dir(cache_dir))
 
 
+def _smollm2(cache_dir: Path | None) -> Path:
+    from .smollm2_model import build_smollm2_refusal
+
+    return build_smollm2_refusal(cache_dir)
+
+
 #: Name -> builder (cache directory -> built model directory).
-BUILDERS: dict[str, Callable[[Path | None], Path]] = {"demo": _demo}
+BUILDERS: dict[str, Callable[[Path | None], Path]] = {"demo": _demo, "smollm2": _smollm2}
 
 
 def build(name: str, cache_dir: Path | None = None) -> Path:

@@ -1,0 +1,86 @@
+"""The decision head: fitted, made exactly linear, lifted above the vocabulary."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from refusal_training.decision_head import constant_direction, fit_head, fold, needed_offset
+from refusal_training.sources import SOURCES, halves, kind, load_all, measured, trainable
+
+
+def decision_like(n: int, d: int, classes: int, seed: int = 0):
+    """Hidden states with a large shared component (as at one template position) + class signal."""
+    rng = np.random.default_rng(seed)
+    common = rng.normal(size=d) * 3.0
+    means = rng.normal(size=(classes, d))
+    y = rng.integers(0, classes, size=n)
+    x = common + means[y] + rng.normal(size=(n, d)) * 0.8
+    return x, y
+
+
+def test_the_head_separates_and_is_exactly_linear():
+    x, y = decision_like(1200, 32, 4)
+    u = constant_direction(x)
+    assert abs(float((x @ u).mean()) - 1.0) < 0.02
+    head = fit_head(x[:1000], y[:1000], 4, u, l2=1e-3)
+    assert not head.bias.any()  # the intercepts ride on u: logits are rows · h alone
+    accuracy = (head.probabilities(x[1000:]).argmax(axis=1) == y[1000:]).mean()
+    assert accuracy > 0.9
+    rows = fold(head, u, offset=0.0)
+    np.testing.assert_allclose(x @ rows.T, head.logits(x), rtol=1e-9, atol=1e-9)
+
+
+def test_the_offset_lifts_every_control_logit_above_the_vocabulary_and_changes_no_choice():
+    x, y = decision_like(400, 16, 3, seed=1)
+    u = constant_direction(x)
+    head = fit_head(x, y, 3, u)
+    vocab_max = np.full(len(x), 40.0)  # ordinary tokens far above the head's logits
+    offset = needed_offset(fold(head, u, 0.0), u, x, vocab_max, margin=12.0)
+    lifted = x @ fold(head, u, offset).T
+    assert (lifted.max(axis=1) >= vocab_max + 12.0 - 1e-6).all()
+    assert (lifted.argmax(axis=1) == head.logits(x).argmax(axis=1)).all()
+    softmax = np.exp(lifted - lifted.max(axis=1, keepdims=True))
+    softmax /= softmax.sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(softmax, head.probabilities(x), atol=0.05)
+
+
+def test_class_balance_keeps_a_rare_class_decidable():
+    x, y = decision_like(3000, 16, 2, seed=2)
+    keep = (y == 0) | (np.arange(len(y)) % 20 == 0)  # class 1 is 20x rarer
+    head = fit_head(x[keep], y[keep], 2, constant_direction(x[keep]))
+    recall = (head.probabilities(x[y == 1]).argmax(axis=1) == 1).mean()
+    assert recall > 0.8
+
+
+@pytest.fixture
+def data_dir(tmp_path):
+    for source in SOURCES:
+        path = tmp_path / source.path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        label = "refuse" if source.kind == "harmful" else "respond"
+        cats = ["Requests with safety concerns", "Incomplete requests"]
+        rows = [{"prompt": f"{source.name} {i}", "label": label,
+                 "category": cats[i % 2] if label == "refuse" else "respond"} for i in range(10)]
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return tmp_path
+
+
+def test_sources_split_coconot_in_halves_and_mark_yardsticks(data_dir):
+    data = load_all(data_dir, seed=3, corpus=False)
+    assert (len(data["coconot"]), len(data["coconot-heldout"])) == (4, 6)  # 2 of 5 per category
+    assert not {r.prompt for r in data["coconot"]} & {r.prompt for r in data["coconot-heldout"]}
+    assert data == load_all(data_dir, seed=3, corpus=False)  # seeded
+    assert not trainable("coconot-heldout") and not trainable("coconot-contrast")
+    assert not trainable("self-instruct-user") and trainable("phtest") and trainable("corpus")
+    assert not measured("corpus") and kind("coconot-heldout") == "harmful"
+    assert {r.key for r in data["advbench"]} == {"safety", "incomplete"}
+
+
+def test_halves_are_stratified_by_category():
+    from refusal_training.sources import Prompt
+
+    rows = [Prompt(str(i), "safety" if i < 10 else "humanizing", "s") for i in range(14)]
+    train, held = halves(rows, seed=0)
+    assert sorted(r.key for r in train) == ["humanizing"] * 2 + ["safety"] * 5

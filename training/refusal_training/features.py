@@ -1,0 +1,130 @@
+"""The frozen base model's view of a prompt at the decision position.
+
+The decision of a refusal-token model is its first assistant token, so what
+the model "knows" about a prompt when it decides is the final hidden state
+(after the last norm, i.e. the input of the output projection) at the last
+prompt position — the newline that ends ``<|im_start|>assistant``. A head
+fitted on these vectors (:mod:`.decision_head`) and written into the output
+projection's control-token rows gives, in vLLM, exactly the logits it gave here.
+
+Extraction is the expensive part on a CPU (a forward pass per prompt), so the
+vectors are cached per (model, prompt) under ``<cache>/features/``: a refit,
+a leave-one-source-out sweep or another head costs no forward pass.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+FEATURES_VERSION = 1  # bump when what is extracted changes
+
+
+def _model_key(model_dir: Path) -> str:
+    h = hashlib.sha256(f"features-v{FEATURES_VERSION}".encode())
+    for name in ("config.json", "convert_info.json", "chat_template.jinja"):
+        path = model_dir / name
+        if path.is_file():
+            h.update(path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _prompt_key(prompt: str) -> str:
+    return hashlib.sha256(prompt.encode("utf-8")).hexdigest()
+
+
+class FeatureCache:
+    """Vectors per prompt for one model, kept in one ``.npz`` + index file pair."""
+
+    def __init__(self, root: Path, model_dir: Path):
+        self.dir = root / "features" / _model_key(model_dir)
+        self._index: dict[str, int] = {}
+        self._rows = np.zeros((0, 0), dtype=np.float32)
+        index, rows = self.dir / "index.json", self.dir / "rows.npy"
+        if index.is_file() and rows.is_file():
+            self._index = json.loads(index.read_text())
+            self._rows = np.load(rows)
+
+    def get(self, prompts: Sequence[str]) -> tuple[list[int], np.ndarray | None]:
+        """Positions of the prompts not cached yet, and the cached rows (None if any is missing)."""
+        missing = [i for i, p in enumerate(prompts) if _prompt_key(p) not in self._index]
+        if missing:
+            return missing, None
+        return [], self._rows[[self._index[_prompt_key(p)] for p in prompts]]
+
+    def add(self, prompts: Sequence[str], rows: np.ndarray) -> None:
+        new = [(p, r) for p, r in zip(prompts, rows, strict=True) if _prompt_key(p) not in self._index]
+        if not new:
+            return
+        start = len(self._index)
+        block = np.stack([r for _, r in new]).astype(np.float32)
+        self._rows = block if self._rows.size == 0 else np.concatenate([self._rows, block])
+        for offset, (prompt, _) in enumerate(new):
+            self._index[_prompt_key(prompt)] = start + offset
+        self.dir.mkdir(parents=True, exist_ok=True)
+        np.save(self.dir / "rows.tmp.npy", self._rows)
+        (self.dir / "rows.tmp.npy").replace(self.dir / "rows.npy")
+        (self.dir / "index.json").write_text(json.dumps(self._index))
+
+
+def _extract(model_dir: Path, prompts: Sequence[str], batch_size: int, device: str) -> np.ndarray:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer.padding_side = "left"
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
+    ids = [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True
+        )
+        for p in prompts
+    ]
+    ids = [x["input_ids"] if isinstance(x, dict) or hasattr(x, "keys") else x for x in ids]
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # little padding per batch
+    out = np.zeros((len(ids), model.config.hidden_size), dtype=np.float32)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    started, done = time.monotonic(), 0
+    with torch.inference_mode():
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            width = max(len(ids[i]) for i in chunk)
+            batch = torch.full((len(chunk), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for row, i in enumerate(chunk):
+                batch[row, width - len(ids[i]) :] = torch.tensor(ids[i])
+                mask[row, width - len(ids[i]) :] = 1
+            hidden = model.model(input_ids=batch.to(device), attention_mask=mask.to(device))
+            out[chunk] = hidden.last_hidden_state[:, -1].float().cpu().numpy()
+            done += len(chunk)
+            if done % (batch_size * 20) < batch_size:
+                logger.info("features: %d/%d prompts (%.0fs)", done, len(ids), time.monotonic() - started)
+    return out
+
+
+def decision_features(
+    model_dir: Path,
+    prompts: Sequence[str],
+    cache_root: Path,
+    batch_size: int = 16,
+    device: str = "cpu",
+) -> np.ndarray:
+    """[N, hidden] final hidden states at the decision position, cached per prompt."""
+    cache = FeatureCache(cache_root, model_dir)
+    missing, rows = cache.get(prompts)
+    if rows is not None:
+        return rows
+    todo = list(dict.fromkeys(prompts[i] for i in missing))
+    logger.info("extracting decision features of %d prompts on %s", len(todo), device)
+    cache.add(todo, _extract(model_dir, todo, batch_size, device))
+    _, rows = cache.get(prompts)
+    assert rows is not None
+    return rows

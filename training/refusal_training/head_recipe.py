@@ -1,0 +1,261 @@
+"""``python -m refusal_training.head_recipe``: the default model's artefact, and its figures.
+
+    python -m refusal_training.head_recipe --data-dir ../shared/data --out ./head-run
+
+1. decision features of every prompt of every source, from the frozen base
+   (:mod:`.features`, cached);
+2. **leave-one-source-out**: for each source, a head fitted without that
+   source's whole family (all of CoCoNot, say, when CoCoNot is measured) and
+   measured on it — refusal rate on should-refuse sources, over-refusal on
+   benign ones, and one AUROC of p(refuse) over every prompt, each scored by
+   a head that never saw its family: the figures that predict other traffic;
+3. the shipped head, fitted on every trainable source (never on CoCoNot's
+   held-out half, its contrast set or self-instruct's user-oriented set,
+   which stay yardsticks), and the offset that lifts it above the vocabulary;
+4. the refusal tokens' input vectors (:mod:`.soft_tokens`);
+5. ``<out>/smollm2_refusal.safetensors`` + ``.json`` (provenance and
+   figures) and ``<out>/report.md``. Copy the pair into
+   ``training/refusal_training/artefacts/`` to ship it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from refusal_plugins.vocab import scheme_keys
+
+from .decision_head import Head, constant_direction, fit_head, fold, needed_offset
+from .features import decision_features
+from .paths import cache_root
+from .scoring import auroc
+from .soft_tokens import SoftTokenOptions, train_soft_tokens
+from .sources import Prompt, kind, load_all, measured, trainable
+
+logger = logging.getLogger(__name__)
+
+KEYS = scheme_keys("categorical")  # respond first
+FAMILIES = {
+    "coconot": "coconot", "coconot-seed": "coconot", "coconot-pref": "coconot",
+    "coconot-contrast": "coconot", "coconot-heldout": "coconot",
+    "self-instruct-seed": "self-instruct", "self-instruct-user": "self-instruct",
+}  # fmt: skip
+
+
+def family(name: str) -> str:
+    return FAMILIES.get(name, name)
+
+
+class Dataset:
+    """Every source's prompts with their features and class indices."""
+
+    def __init__(self, data: dict[str, list[Prompt]], features: np.ndarray):
+        self.names = list(data)
+        self.source = np.array([n for n in self.names for _ in data[n]])
+        self.rows = [r for n in self.names for r in data[n]]
+        self.x = features
+        self.y = np.array([KEYS.index(r.key) for r in self.rows])
+
+    def mask(self, names) -> np.ndarray:
+        return np.isin(self.source, list(names))
+
+
+def fit(ds: Dataset, train: np.ndarray, u: np.ndarray, l2: float) -> Head:
+    return fit_head(ds.x[train], ds.y[train], len(KEYS), u, l2=l2)
+
+
+def rates(probs: np.ndarray, refuse: np.ndarray) -> dict:
+    """Refusal rates of the greedy decision (the most likely control token, as served)."""
+    decided = probs.argmax(axis=1) != 0
+    out = {"n": int(len(refuse))}
+    if refuse.any():
+        out["refused_harmful"] = float(decided[refuse].mean())
+    if (~refuse).any():
+        out["refused_benign"] = float(decided[~refuse].mean())
+    return out
+
+
+def leave_one_source_out(ds: Dataset, u: np.ndarray, l2: float) -> tuple[dict, np.ndarray]:
+    """Per source: figures of a head fitted without its family; and every row's
+    control probabilities from such a head (NaN for rows never measured)."""
+    p_all = np.full(len(ds.rows), np.nan)
+    p_rows = np.full((len(ds.rows), len(KEYS)), np.nan)
+    figures = {}
+    trainable_names = [n for n in ds.names if trainable(n)]
+    for name in filter(measured, ds.names):
+        keep = [n for n in trainable_names if family(n) != family(name)]
+        head = fit(ds, ds.mask(keep), u, l2)
+        rows = ds.mask([name])
+        probs = head.probabilities(ds.x[rows])
+        p_all[rows] = 1.0 - probs[:, 0]
+        p_rows[rows] = probs
+        refuse = ds.y[rows] > 0
+        figures[name] = {"kind": kind(name), "trained_without": sorted({family(name)}),
+                         **rates(probs, refuse)}  # fmt: skip
+        if refuse.any():
+            argmax = probs[refuse].argmax(axis=1)
+            figures[name]["category_accuracy"] = float((argmax == ds.y[rows][refuse]).mean())
+        logger.info("LOSO %s: %s", name, figures[name])
+    return figures, p_rows
+
+
+def pooled(ds: Dataset, probs: np.ndarray, names) -> dict:
+    """AUROC of p(refuse) = 1 - p(respond), and the greedy rates, over ``names`` together."""
+    rows = ds.mask(names)
+    refuse = ds.y[rows] > 0
+    both = refuse.any() and (~refuse).any()  # AUROC needs both kinds of prompt
+    value = auroc(1.0 - probs[rows, 0], refuse) if both else None
+    return {"auroc": value, **rates(probs[rows], refuse)}
+
+
+def vocab_max(base: Path, features: np.ndarray) -> np.ndarray:
+    from safetensors.numpy import load_file
+
+    weights = load_file(str(base / "model.safetensors"))
+    embed = weights.get("lm_head.weight", weights["model.embed_tokens.weight"]).astype(np.float32)
+    return np.concatenate([(features[i : i + 512] @ embed.T).max(axis=1)
+                           for i in range(0, len(features), 512)])  # fmt: skip
+
+
+def run(args: argparse.Namespace) -> dict:
+    from safetensors.numpy import save_file
+
+    from .chat_template import turn_end_id
+    from .smollm2 import convert_smollm2
+
+    started = time.monotonic()
+    base = convert_smollm2(args.cache_dir)
+    data = load_all(args.data_dir, args.split_seed)
+    if args.max_rows_per_source:  # quick runs: a seeded sample of each source
+        rng = np.random.default_rng(args.split_seed)
+        data = {n: [rows[i] for i in sorted(rng.permutation(len(rows))[: args.max_rows_per_source])]
+                for n, rows in data.items()}  # fmt: skip
+    prompts = [r.prompt for rows in data.values() for r in rows]
+    batch = 16 if args.device == "cpu" else 128
+    features = decision_features(base, prompts, cache_root(args.cache_dir), batch, args.device)
+    ds = Dataset(data, features)
+    u = constant_direction(features)
+    lift = features @ u
+    logger.info("u·h over all decision positions: mean %.3f, sd %.3f", lift.mean(), lift.std())
+    loso, p = leave_one_source_out(ds, u, args.l2)
+    names = list(filter(measured, ds.names))
+    summary = {
+        "all_sources": pooled(ds, p, names),
+        "without_coconot": pooled(ds, p, [n for n in names if family(n) != "coconot"]),
+    }
+    for k in ("harmful", "lookalike", "ordinary"):
+        summary[k] = pooled(ds, p, [n for n in names if kind(n) == k])
+    train = ds.mask([n for n in ds.names if trainable(n)])
+    head = fit(ds, train, u, args.l2)
+    # Figures of the shipped head on what it never trained on (its yardsticks).
+    shipped = {n: rates(head.probabilities(ds.x[ds.mask([n])]), ds.y[ds.mask([n])] > 0)
+               for n in ds.names if not trainable(n)}  # fmt: skip
+    offset = needed_offset(fold(head, u, 0.0), u, features, vocab_max(base, features))
+    rows = fold(head, u, offset)
+    from transformers import AutoTokenizer
+
+    end_id = turn_end_id(AutoTokenizer.from_pretrained(base))
+    d = features.shape[1]
+    inputs = np.zeros((len(KEYS), d), dtype=np.float32)  # row 0 ([respond]) is set at build
+    if args.soft_tokens_from:  # the refusal vectors of an earlier run (e.g. a longer GPU run)
+        from safetensors.numpy import load_file
+
+        inputs = load_file(str(args.soft_tokens_from))["input_rows"]
+    else:
+        refuse_rows = [r for r, t in zip(ds.rows, train, strict=True) if t and r.refuse]
+        soft = train_soft_tokens(base, refuse_rows, KEYS[1:], end_id, SoftTokenOptions(
+            steps=args.soft_steps, batch_size=args.soft_batch, device=args.device,
+            max_minutes=args.max_minutes))  # fmt: skip
+        for i, key in enumerate(KEYS[1:], start=1):
+            inputs[i] = soft[key]
+    args.out.mkdir(parents=True, exist_ok=True)
+    artefact = args.out / "smollm2_refusal.safetensors"
+    save_file({"output_rows": rows.astype(np.float32), "input_rows": inputs}, str(artefact))
+    files = {s: hashlib.sha256((args.data_dir / src).read_bytes()).hexdigest()[:16]
+             for s, src in _paths(data, args.data_dir).items()}  # fmt: skip
+    info = {
+        "created_by": "python -m refusal_training.head_recipe",
+        "options": {k: str(v) for k, v in vars(args).items()},
+        "data_sha256": files,
+        "head": {"l2": args.l2, "offset": offset, "u_dot_h_mean": float(lift.mean()),
+                 "u_dot_h_sd": float(lift.std()), "trained_on": sorted(
+                     {n for n in ds.names if trainable(n)}),
+                 "examples": int(train.sum())},  # fmt: skip
+        "soft_tokens": _soft_token_info(args),
+        "leave_one_source_out": loso,
+        "summary": summary,
+        "shipped_head_on_yardsticks": shipped,
+        "seconds": round(time.monotonic() - started, 1),
+    }
+    (args.out / "smollm2_refusal.json").write_text(json.dumps(info, indent=2) + "\n")
+    (args.out / "report.md").write_text(report_markdown(info))
+    return info
+
+
+def _soft_token_info(args: argparse.Namespace) -> dict:
+    if not args.soft_tokens_from:
+        return {**asdict(SoftTokenOptions(steps=args.soft_steps, batch_size=args.soft_batch)),
+                "device": args.device}  # fmt: skip
+    earlier = args.soft_tokens_from.with_suffix(".json")
+    info = json.loads(earlier.read_text()) if earlier.is_file() else {}
+    return {"from": "an earlier run", **info.get("soft_tokens", {}),
+            "device": info.get("options", {}).get("device")}
+
+
+def _paths(data: dict, data_dir: Path) -> dict[str, str]:
+    from .sources import BY_NAME
+
+    return {n: BY_NAME[n].path for n in data if n in BY_NAME}
+
+
+def _pct(v) -> str:
+    return "–" if v is None else f"{100 * v:.0f} %"
+
+
+def report_markdown(info: dict) -> str:
+    lines = ["| source (left out with its family) | kind | n | refused | category accuracy |",
+             "|---|---|---|---|---|"]  # fmt: skip
+    for name, f in info["leave_one_source_out"].items():
+        refused = f.get("refused_harmful", f.get("refused_benign"))
+        lines.append(f"| {name} | {f['kind']} | {f['n']} | {_pct(refused)} "
+                     f"| {_pct(f.get('category_accuracy'))} |")  # fmt: skip
+    lines += ["", "| pool | AUROC | harmful refused | benign refused |", "|---|---|---|---|"]
+    for name, s in info["summary"].items():
+        value = "–" if s["auroc"] is None else f"{s['auroc']:.3f}"
+        lines.append(f"| {name} | {value} | {_pct(s.get('refused_harmful'))} "
+                     f"| {_pct(s.get('refused_benign'))} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m refusal_training.head_recipe",
+                                     description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-dir", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--cache-dir", type=Path)
+    parser.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
+    parser.add_argument("--l2", type=float, default=1e-3, help="L2 penalty of the head")
+    parser.add_argument("--split-seed", type=int, default=0)
+    parser.add_argument("--soft-steps", type=int, default=120)
+    parser.add_argument("--soft-batch", type=int, default=8)
+    parser.add_argument("--max-minutes", type=float, help="time budget of the soft-token training")
+    parser.add_argument("--max-rows-per-source", type=int, help="sample each source (quick runs)")
+    parser.add_argument("--soft-tokens-from", type=Path,
+                        help="reuse the refusal vectors of this artefact instead of training them")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    info = run(args)
+    print(report_markdown(info))  # noqa: T201
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

