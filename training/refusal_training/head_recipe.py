@@ -29,7 +29,6 @@ from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
-
 from refusal_plugins.vocab import scheme_keys
 
 from .decision_head import Head, constant_direction, fit_head, fold, needed_offset

@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -176,6 +177,7 @@ def train(
     keep_prompt: bool = False,
     checkpointer: Checkpointer | None = None,
     lr_scales: Mapping[str, float] | None = None,
+    max_minutes: float | None = None,
 ) -> list[float]:
     """Train ``model`` in place; return the loss per step (for the build log).
 
@@ -244,7 +246,11 @@ def train(
         initial=state.step,
         total=config.steps,
     )
+    started = time.monotonic()
     for step in progress:
+        if max_minutes is not None and time.monotonic() - started > 60 * max_minutes:
+            logger.info("time budget of %.1f min reached: stopping at step %d", max_minutes, step)
+            break
         if not batches:
             batches = _length_grouped_batches(encoded, config.batch_size, rng)
         picked = [encoded[i] for i in batches.pop()]

@@ -42,6 +42,8 @@ class RecipeOptions:
     max_train_rows: int | None = option(None, help="subsample training rows (quick runs)")
     max_eval_rows: int | None = option(None, help="subsample each evaluation file (quick runs)")
     cache_dir: Path | None = option(None, help="default: the settings' cache dir")
+    device: str | None = option(None, help="torch device of training (default: cuda if available)")
+    max_minutes: float | None = option(None, help="time budget of the LoRA training (CPU runs)")
     compare_demo: bool = option(True, flag="--no-demo", help="do not score the demo model")
     demo_model: Path | None = option(
         None,  # default: this checkout's demo model, built if missing

@@ -59,6 +59,8 @@ def _train_options(options: RecipeOptions, base: Path, train_file: Path):
         decision_weight=options.decision_weight,
         seed=options.seed,
         checkpoint_every=20,
+        device=options.device,
+        max_minutes=options.max_minutes,
     )
 
 

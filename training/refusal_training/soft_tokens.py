@@ -109,7 +109,7 @@ def train_soft_tokens(
             mask[row, pad:] = 1
             labels[row, pad + len(prompt) + 1 :] = ids[len(prompt) + 1 :]
         rows_embeds = []
-        for row, pad, n_prompt, ids, k, _ in pieces:
+        for _row, pad, n_prompt, ids, k, _ in pieces:
             e = embed(ids.to(options.device))
             e = torch.cat([e[:n_prompt], soft[k].unsqueeze(0), e[n_prompt + 1 :]])
             rows_embeds.append(torch.nn.functional.pad(e, (0, 0, pad, 0)))

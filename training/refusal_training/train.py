@@ -205,6 +205,7 @@ def train_refusal_model(options: TrainOptions) -> TrainResult:
         checkpointer=checkpointer,
         # peft's TrainableTokens deltas: the new rows, trained in full next to the adapters.
         lr_scales={"trainable_tokens": options.token_lr_scale} if options.lora else None,
+        max_minutes=options.max_minutes,
     )
 
     if options.lora:

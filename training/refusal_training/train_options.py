@@ -54,6 +54,9 @@ class TrainOptions:
     keep_checkpoints: bool = option(False, help="keep checkpoints after success")
     overwrite: bool = option(False, help="write into a non-empty --out")
     device: str | None = option(None, help="torch device (default: cuda if available)")
+    max_minutes: float | None = option(
+        None, help="time budget of the training loop (CPU runs): stop after the step that passes it"
+    )
     dtype: str = option("float32", choices=["float32", "bfloat16"], help="training dtype")
     save_dtype: str = option(
         "auto",
