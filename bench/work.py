@@ -34,7 +34,7 @@ import httpx
 def corpus_prompts(limit: int = 400) -> list[str]:
     from importlib.resources import files
 
-    rows = files("refusal_gateway").joinpath("demo/corpus.jsonl").read_text().splitlines()
+    rows = files("refusal_training").joinpath("demo/corpus.jsonl").read_text().splitlines()
     out, seen = [], set()
     for line in rows:
         row = json.loads(line)

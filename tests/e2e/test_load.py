@@ -128,7 +128,9 @@ def bounded(demo_model_dir, tmp_path_factory) -> Iterator[Server]:
 
 
 async def _beyond_the_bound(server: Server) -> tuple[list[httpx.Response], list[int]]:
-    long = chat_body("Write a long story.", 200, stream=True, ignore_eos=True)
+    # 16 x 440 streamed tokens (~1.5 MB of SSE) outgrow the socket buffers: unless the client
+    # reads, the server's send blocks and the request stays in flight, however fast the model.
+    long = {**chat_body("Write a long story.", 440, stream=True, ignore_eos=True), "n": 16}
     async with httpx.AsyncClient(base_url=server.base_url, timeout=180) as client:
         holders = []
         for _ in range(INFLIGHT):
