@@ -30,6 +30,9 @@ COCONOT_CATEGORIES: dict[str, str] = {
     "unsupported": "Unsupported requests",
 }
 
+#: CoCoNot category name -> stable API key (data files name categories; the API uses keys).
+KEY_OF_CATEGORY: dict[str, str] = {name: key for key, name in COCONOT_CATEGORIES.items()}
+
 #: Every refusal key a request may name, for any scheme.
 ALL_REFUSAL_KEYS: frozenset[str] = frozenset({REFUSE_KEY, *COCONOT_CATEGORIES})
 

@@ -46,19 +46,11 @@ def _serve(args: argparse.Namespace, vllm_args: list[str]) -> int:
 
 def _build_model(args: argparse.Namespace, extra: list[str]) -> int:
     """Build (or find) a named model in this process; print its directory."""
-    import shutil
-    import time
-
-    from refusal_plugins.vocab import MANIFEST_FILE
     from refusal_training.build import build
 
     name = getattr(args, "name", DEMO_MODEL)  # build-demo: the demo model
-    started = time.time()
     try:
-        path = build(name, args.cache_dir)
-        if args.force and (path / MANIFEST_FILE).stat().st_mtime < started:  # not just built
-            shutil.rmtree(path)
-            path = build(name, args.cache_dir)
+        path = build(name, args.cache_dir, force=args.force)
     except ValueError as e:
         raise SystemExit(f"build-model: {e}") from None
     print(path)

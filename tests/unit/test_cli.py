@@ -37,23 +37,20 @@ def test_the_listing_names_every_command(capsys):
 
 @pytest.mark.parametrize("force", [False, True])
 def test_build_model_builds_by_name(tmp_path, monkeypatch, capsys, force):
-    import os
-
     import refusal_training.build as build
 
     built = []
 
-    def builder(cache_dir):
+    def builder(cache_dir, force):
         path = cache_dir / "m"
-        if not (path / MANIFEST_FILE).is_file():
-            path.mkdir(parents=True)
+        if force or not (path / MANIFEST_FILE).is_file():
+            path.mkdir(parents=True, exist_ok=True)
             (path / MANIFEST_FILE).write_text("{}")
             built.append(path)
         return path
 
     monkeypatch.setitem(build.BUILDERS, "fake", builder)
-    builder(tmp_path)  # cached already, long ago
-    os.utime(tmp_path / "m" / MANIFEST_FILE, (0, 0))
+    builder(tmp_path, False)  # cached already
     argv = ["build-model", "fake", "--cache-dir", str(tmp_path)]
     assert cli.main(argv + (["--force"] if force else [])) == 0
     assert capsys.readouterr().out.strip() == str(tmp_path / "m")

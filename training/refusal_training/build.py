@@ -17,27 +17,27 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 
-def _demo(cache_dir: Path | None) -> Path:
+def _demo(cache_dir: Path | None, force: bool) -> Path:
     from .demo_model import build_demo_model, demo_model_dir
 
-    return build_demo_model(demo_model_dir(cache_dir))
+    return build_demo_model(demo_model_dir(cache_dir), force=force)
 
 
-def _smollm2(cache_dir: Path | None) -> Path:
+def _smollm2(cache_dir: Path | None, force: bool) -> Path:
     from .smollm2_model import build_smollm2_refusal
 
-    return build_smollm2_refusal(cache_dir)
+    return build_smollm2_refusal(cache_dir, force=force)
 
 
-#: Name -> builder (cache directory -> built model directory).
-BUILDERS: dict[str, Callable[[Path | None], Path]] = {"demo": _demo, "smollm2": _smollm2}
+#: Name -> builder ((cache directory, rebuild even if cached) -> built model directory).
+BUILDERS: dict[str, Callable[[Path | None, bool], Path]] = {"demo": _demo, "smollm2": _smollm2}
 
 
-def build(name: str, cache_dir: Path | None = None) -> Path:
-    """The directory of model ``name``, built first if it is not cached yet."""
+def build(name: str, cache_dir: Path | None = None, force: bool = False) -> Path:
+    """The directory of model ``name``, built first if it is not cached yet (or ``force``)."""
     if name not in BUILDERS:
         raise ValueError(f"unknown model {name!r}; expected one of {sorted(BUILDERS)}")
-    return BUILDERS[name](cache_dir)
+    return BUILDERS[name](cache_dir, force)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -15,9 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from refusal_plugins.vocab import COCONOT_CATEGORIES, RefusalManifest
-
-KEY_OF_CATEGORY = {name: key for key, name in COCONOT_CATEGORIES.items()}
+from refusal_plugins.vocab import KEY_OF_CATEGORY, RefusalManifest
 
 
 @dataclass(frozen=True)

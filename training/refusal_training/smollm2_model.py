@@ -92,9 +92,8 @@ def assemble(base: Path, artefact: Path, out: Path) -> Path:
     tokenizer.save_pretrained(tmp)
     end_id = turn_end_id(tokenizer)
     generation_config(base, tokenizer, end_id).save_pretrained(tmp)
-    info = json.loads(artefact.with_name(ARTEFACT_INFO).read_text()) if artefact.with_name(
-        ARTEFACT_INFO
-    ).is_file() else {}
+    info_file = artefact.with_name(ARTEFACT_INFO)
+    info = json.loads(info_file.read_text()) if info_file.is_file() else {}
     manifest = RefusalManifest.build(
         "categorical",
         texts,

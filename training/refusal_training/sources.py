@@ -29,10 +29,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from refusal_plugins.vocab import COCONOT_CATEGORIES
-
-#: CoCoNot category name -> API key.
-CATEGORY_KEYS = {name: key for key, name in COCONOT_CATEGORIES.items()}
+from refusal_plugins.vocab import KEY_OF_CATEGORY
 
 
 @dataclass(frozen=True)
@@ -92,7 +89,7 @@ def read_jsonl(path: Path, name: str) -> list[Prompt]:
         if not line.strip():
             continue
         row = json.loads(line)
-        key = "respond" if row["label"] == "respond" else CATEGORY_KEYS[row["category"]]
+        key = "respond" if row["label"] == "respond" else KEY_OF_CATEGORY[row["category"]]
         rows.append(Prompt(row["prompt"], key, name))
     return rows
 

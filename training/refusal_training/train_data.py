@@ -46,7 +46,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from refusal_plugins.vocab import COCONOT_CATEGORIES, REFUSE_KEY, RESPOND_KEY, Scheme
+from refusal_plugins.vocab import (
+    COCONOT_CATEGORIES,
+    KEY_OF_CATEGORY,
+    REFUSE_KEY,
+    RESPOND_KEY,
+    Scheme,
+)
 
 from .refusal_texts import refusal_text
 
@@ -56,7 +62,6 @@ if TYPE_CHECKING:  # heavy imports stay out of `refusal-gateway --help`
 logger = logging.getLogger(__name__)
 
 LABELS = ("refuse", "respond")
-KEY_OF_CATEGORY = {name: key for key, name in COCONOT_CATEGORIES.items()}
 
 
 @dataclass(frozen=True)
