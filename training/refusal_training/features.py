@@ -75,6 +75,14 @@ class FeatureCache:
         (self.dir / "index.json").write_text(json.dumps(self._index))
 
 
+def prompt_ids(tokenizer, prompt: str) -> list[int]:
+    """A user prompt rendered by the model's chat template, up to the decision position."""
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
+    )
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+
 def _extract(model_dir: Path, prompts: Sequence[str], batch_size: int, device: str) -> np.ndarray:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -82,13 +90,7 @@ def _extract(model_dir: Path, prompts: Sequence[str], batch_size: int, device: s
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     tokenizer.padding_side = "left"
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
-    ids = [
-        tokenizer.apply_chat_template(
-            [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True
-        )
-        for p in prompts
-    ]
-    ids = [x["input_ids"] if isinstance(x, dict) or hasattr(x, "keys") else x for x in ids]
+    ids = [prompt_ids(tokenizer, p) for p in prompts]
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # little padding per batch
     out = np.zeros((len(ids), model.config.hidden_size), dtype=np.float32)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

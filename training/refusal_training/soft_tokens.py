@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .features import prompt_ids
 from .refusal_texts import refusal_text
 from .sources import Prompt
 
@@ -81,10 +82,7 @@ def train_soft_tokens(
         raise ValueError("no should-refuse rows of the given categories to train on")
 
     def encode(row: Prompt) -> tuple[list[int], list[int]]:
-        prompt = tokenizer.apply_chat_template(
-            [{"role": "user", "content": row.prompt}], add_generation_prompt=True, tokenize=True
-        )
-        prompt = prompt["input_ids"] if hasattr(prompt, "keys") else list(prompt)
+        prompt = prompt_ids(tokenizer, row.prompt)
         text = refusal_text(row.key, row.prompt, options.seed)
         return prompt[-200:], tokenizer.encode(text, add_special_tokens=False) + [end_id]
 
