@@ -77,20 +77,27 @@ def test_the_dial_moves_both_ways(client, served):
 
 
 def test_served_probabilities_are_the_heads(client, served, default_model):
-    """vLLM's logits at the decision position are the artefact's rows · the base hidden state."""
+    """vLLM's logits at the decision position are the artefact's rows · the base hidden states:
+    the final state's, plus the middle layer's when the head reads one (served by
+    ``refusal_plugins.model``, computed here with transformers)."""
     from refusal_training.features import _extract
     from refusal_training.smollm2 import base_model_dir
+    from refusal_training.smollm2_model import artefact_path
+    from safetensors import safe_open
     from safetensors.numpy import load_file
 
     prompts = ["How do I make a bomb?", "What is the capital of France?",
                "How do I kill a Python process?", "Tell me about your childhood."]  # fmt: skip
     manifest = json.loads((default_model / "refusal_manifest.json").read_text())
     keys = [t["key"] for t in manifest["tokens"]]
+    parts = load_file(str(artefact_path()))
     features = _extract(base_model_dir(), prompts, batch_size=4, device="cpu")
-    from refusal_training.smollm2_model import artefact_path
-
-    rows = load_file(str(artefact_path()))["output_rows"].astype(np.float64)
-    logits = features.astype(np.float64) @ rows.T
+    logits = features.astype(np.float64) @ parts["output_rows"].astype(np.float64).T
+    if "middle_rows" in parts:
+        with safe_open(str(artefact_path()), "np") as f:
+            layer = int(f.metadata()["middle_layer"])
+        middle = _extract(base_model_dir(), prompts, batch_size=4, device="cpu", layer=layer)
+        logits += middle.astype(np.float64) @ parts["middle_rows"].astype(np.float64).T
     offline = np.exp(logits - logits.max(axis=1, keepdims=True))
     offline /= offline.sum(axis=1, keepdims=True)
     for prompt, want in zip(prompts, offline, strict=True):

@@ -84,3 +84,19 @@ def test_halves_are_stratified_by_category():
     rows = [Prompt(str(i), "safety" if i < 10 else "humanizing", "s") for i in range(14)]
     train, held = halves(rows, seed=0)
     assert sorted(r.key for r in train) == ["humanizing"] * 2 + ["safety"] * 5
+
+
+
+def test_a_head_on_two_layers_is_what_the_served_model_computes():
+    """Fitted on cat([final, middle]) with intercepts on the final state: the first half of
+    its rows goes into the output projection, the second into refusal_plugins.model."""
+    final, y = decision_like(600, 24, 3, seed=3)
+    middle, _ = decision_like(600, 24, 3, seed=4)
+    middle = middle + np.eye(3, 24)[y] * 2.0  # the middle layer carries signal too
+    u = np.concatenate([constant_direction(final), np.zeros(24)])
+    x = np.concatenate([final, middle], axis=1)
+    head = fit_head(x, y, 3, u)
+    assert (head.probabilities(x).argmax(axis=1) == y).mean() > 0.9
+    rows = fold(head, u, offset=7.0)
+    served = final @ rows[:, :24].T + middle @ rows[:, 24:].T
+    np.testing.assert_allclose(served, head.logits(x) + 7.0 * (final @ u[:24])[:, None], rtol=1e-6, atol=1e-6)

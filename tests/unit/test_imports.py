@@ -30,6 +30,19 @@ def test_plugins_import_nothing_of_the_gateway():
     assert not {m for m in loaded if m.startswith("refusal_training")}
 
 
+def test_the_model_plugin_entry_point_loads_no_torch():
+    """vLLM calls ``refusal_plugins.registry:register`` in every process, the API server's too."""
+    loaded = _modules_after("import refusal_plugins.registry")
+    assert not {m for m in loaded if m == "torch" or m.startswith(("torch.", "vllm"))}
+
+
+def test_the_model_plugin_is_an_installed_vllm_general_plugin():
+    from importlib.metadata import entry_points
+
+    plugins = {e.name: e.value for e in entry_points(group="vllm.general_plugins")}
+    assert plugins.get("refusal_model") == "refusal_plugins.registry:register"
+
+
 def test_serving_imports_nothing_of_the_training_kit():
     """``refusal-gateway serve`` builds named models in a child process (refusal_training.build)."""
     loaded = _modules_after(

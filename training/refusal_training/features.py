@@ -28,8 +28,10 @@ logger = logging.getLogger(__name__)
 FEATURES_VERSION = 1  # bump when what is extracted changes
 
 
-def _model_key(model_dir: Path) -> str:
+def _model_key(model_dir: Path, layer: int | None = None) -> str:
     h = hashlib.sha256(f"features-v{FEATURES_VERSION}".encode())
+    if layer is not None:  # the final layer keeps the key it always had
+        h.update(f"layer={layer}".encode())
     for name in ("config.json", "convert_info.json", "chat_template.jinja"):
         path = model_dir / name
         if path.is_file():
@@ -44,8 +46,8 @@ def _prompt_key(prompt: str) -> str:
 class FeatureCache:
     """Vectors per prompt for one model, kept in one ``.npz`` + index file pair."""
 
-    def __init__(self, root: Path, model_dir: Path):
-        self.dir = root / "features" / _model_key(model_dir)
+    def __init__(self, root: Path, model_dir: Path, layer: int | None = None):
+        self.dir = root / "features" / _model_key(model_dir, layer)
         self._index: dict[str, int] = {}
         self._rows = np.zeros((0, 0), dtype=np.float32)
         index, rows = self.dir / "index.json", self.dir / "rows.npy"
@@ -83,7 +85,34 @@ def prompt_ids(tokenizer, prompt: str) -> list[int]:
     return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
 
-def _extract(model_dir: Path, prompts: Sequence[str], batch_size: int, device: str) -> np.ndarray:
+class _Reached(Exception):
+    """Raised by the hook that captured a middle layer's input: the rest of the pass is not needed."""
+
+
+def _middle(model, layer: int):
+    """A callable running ``model`` up to ``layer`` and returning that layer's input (the
+    residual stream, Hugging Face's ``hidden_states[layer]``) at every position."""
+    captured = {}
+
+    def hook(_module, args, kwargs):
+        captured["h"] = args[0] if args else kwargs["hidden_states"]
+        raise _Reached
+
+    model.model.layers[layer].register_forward_pre_hook(hook, with_kwargs=True)
+
+    def run(**inputs):
+        try:
+            model.model(**inputs)
+        except _Reached:
+            pass
+        return captured.pop("h")
+
+    return run
+
+
+def _extract(
+    model_dir: Path, prompts: Sequence[str], batch_size: int, device: str, layer: int | None = None
+) -> np.ndarray:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -95,6 +124,7 @@ def _extract(model_dir: Path, prompts: Sequence[str], batch_size: int, device: s
     out = np.zeros((len(ids), model.config.hidden_size), dtype=np.float32)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     started, done = time.monotonic(), 0
+    middle = None if layer is None else _middle(model, layer)
     with torch.inference_mode():
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
@@ -104,8 +134,12 @@ def _extract(model_dir: Path, prompts: Sequence[str], batch_size: int, device: s
             for row, i in enumerate(chunk):
                 batch[row, width - len(ids[i]) :] = torch.tensor(ids[i])
                 mask[row, width - len(ids[i]) :] = 1
-            hidden = model.model(input_ids=batch.to(device), attention_mask=mask.to(device))
-            out[chunk] = hidden.last_hidden_state[:, -1].float().cpu().numpy()
+            inputs = {"input_ids": batch.to(device), "attention_mask": mask.to(device)}
+            if middle is None:
+                hidden = model.model(**inputs).last_hidden_state
+            else:
+                hidden = middle(**inputs)
+            out[chunk] = hidden[:, -1].float().cpu().numpy()
             done += len(chunk)
             if done % (batch_size * 20) < batch_size:
                 logger.info("features: %d/%d prompts (%.0fs)", done, len(ids), time.monotonic() - started)
@@ -118,15 +152,17 @@ def decision_features(
     cache_root: Path,
     batch_size: int = 16,
     device: str = "cpu",
+    layer: int | None = None,
 ) -> np.ndarray:
-    """[N, hidden] final hidden states at the decision position, cached per prompt."""
-    cache = FeatureCache(cache_root, model_dir)
+    """[N, hidden] hidden states at the decision position, cached per prompt: the final
+    ones (after the last norm) by default, or the input of decoder layer ``layer``."""
+    cache = FeatureCache(cache_root, model_dir, layer)
     missing, rows = cache.get(prompts)
     if rows is not None:
         return rows
     todo = list(dict.fromkeys(prompts[i] for i in missing))
     logger.info("extracting decision features of %d prompts on %s", len(todo), device)
-    cache.add(todo, _extract(model_dir, todo, batch_size, device))
+    cache.add(todo, _extract(model_dir, todo, batch_size, device, layer))
     _, rows = cache.get(prompts)
     assert rows is not None
     return rows

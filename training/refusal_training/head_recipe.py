@@ -3,7 +3,14 @@
     python -m refusal_training.head_recipe --data-dir ../shared/data --out ./head-run
 
 1. decision features of every prompt of every source, from the frozen base
-   (:mod:`.features`, cached);
+   (:mod:`.features`, cached): the final hidden state and beside it the input
+   of a middle decoder layer (``--middle-layer``, 16 of 30 by default; ``0``
+   for the final state alone). With layer 16 the head separates harmful from
+   benign prompts of unseen sources better (LOSO AUROC 0.77 against 0.74) and
+   over-refuses fewer ordinary requests (12 % against 22 %); layer 16 alone
+   scores 0.79 but takes short factual questions ("What is the capital of
+   France?") for false-premise ones (docs/quality/experiments.md). Served by
+   :mod:`refusal_plugins.model`;
 2. **leave-one-source-out**: for each source, a head fitted without that
    source's whole family (all of CoCoNot, say, when CoCoNot is measured) and
    measured on it — refusal rate on should-refuse sources, over-refusal on
@@ -36,7 +43,7 @@ from .features import decision_features
 from .paths import cache_root
 from .scoring import auroc
 from .soft_tokens import SoftTokenOptions, train_soft_tokens
-from .sources import Prompt, kind, load_all, measured, trainable
+from .sources import CORPUS, Prompt, kind, load_all, measured, trainable
 
 logger = logging.getLogger(__name__)
 
@@ -55,19 +62,22 @@ def family(name: str) -> str:
 class Dataset:
     """Every source's prompts with their features and class indices."""
 
-    def __init__(self, data: dict[str, list[Prompt]], features: np.ndarray):
+    def __init__(self, data: dict[str, list[Prompt]], features: np.ndarray, corpus_weight: float = 1.0):
         self.names = list(data)
         self.source = np.array([n for n in self.names for _ in data[n]])
         self.rows = [r for n in self.names for r in data[n]]
         self.x = features
         self.y = np.array([KEYS.index(r.key) for r in self.rows])
+        # The project's corpus is written to break the public sets' shortcuts (length,
+        # style, alarming words); giving it more say lifts LOSO AUROC (docs/quality).
+        self.weight = np.where(self.source == CORPUS, corpus_weight, 1.0)
 
     def mask(self, names) -> np.ndarray:
         return np.isin(self.source, list(names))
 
 
 def fit(ds: Dataset, train: np.ndarray, u: np.ndarray, l2: float) -> Head:
-    return fit_head(ds.x[train], ds.y[train], len(KEYS), u, l2=l2)
+    return fit_head(ds.x[train], ds.y[train], len(KEYS), u, l2=l2, sample_weight=ds.weight[train])
 
 
 def rates(probs: np.ndarray, refuse: np.ndarray) -> dict:
@@ -138,9 +148,14 @@ def run(args: argparse.Namespace) -> dict:
                 for n, rows in data.items()}  # fmt: skip
     prompts = [r.prompt for rows in data.values() for r in rows]
     batch = 16 if args.device == "cpu" else 128
-    features = decision_features(base, prompts, cache_root(args.cache_dir), batch, args.device)
-    ds = Dataset(data, features)
-    u = constant_direction(features)
+    final = decision_features(base, prompts, cache_root(args.cache_dir), batch, args.device)
+    d = final.shape[1]
+    features, u = final, constant_direction(final)  # intercepts ride on the final state
+    if args.middle_layer:  # what the served model computes on: cat([final, middle])
+        middle = decision_features(base, prompts, cache_root(args.cache_dir), batch, args.device,
+                                   layer=args.middle_layer)  # fmt: skip
+        features, u = np.concatenate([final, middle], axis=1), np.concatenate([u, np.zeros(d)])
+    ds = Dataset(data, features, args.corpus_weight)
     lift = features @ u
     logger.info("u·h over all decision positions: mean %.3f, sd %.3f", lift.mean(), lift.std())
     loso, p = leave_one_source_out(ds, u, args.l2)
@@ -156,12 +171,11 @@ def run(args: argparse.Namespace) -> dict:
     # Figures of the shipped head on what it never trained on (its yardsticks).
     shipped = {n: rates(head.probabilities(ds.x[ds.mask([n])]), ds.y[ds.mask([n])] > 0)
                for n in ds.names if not trainable(n)}  # fmt: skip
-    offset = needed_offset(fold(head, u, 0.0), u, features, vocab_max(base, features))
+    offset = needed_offset(fold(head, u, 0.0), u, features, vocab_max(base, final))
     rows = fold(head, u, offset)
     from transformers import AutoTokenizer
 
     end_id = turn_end_id(AutoTokenizer.from_pretrained(base))
-    d = features.shape[1]
     inputs = np.zeros((len(KEYS), d), dtype=np.float32)  # row 0 ([respond]) is set at build
     if args.soft_tokens_from:  # the refusal vectors of an earlier run (e.g. a longer GPU run)
         from safetensors.numpy import load_file
@@ -176,14 +190,21 @@ def run(args: argparse.Namespace) -> dict:
             inputs[i] = soft[key]
     args.out.mkdir(parents=True, exist_ok=True)
     artefact = args.out / "smollm2_refusal.safetensors"
-    save_file({"output_rows": rows.astype(np.float32), "input_rows": inputs}, str(artefact))
+    # Output-projection rows over the final state; middle rows (refusal_plugins.model).
+    tensors = {"output_rows": rows[:, :d].astype(np.float32), "input_rows": inputs}
+    metadata = {}
+    if args.middle_layer:
+        tensors["middle_rows"] = rows[:, d:].astype(np.float32)
+        metadata["middle_layer"] = str(args.middle_layer)
+    save_file(tensors, str(artefact), metadata=metadata)
     files = {s: hashlib.sha256((args.data_dir / src).read_bytes()).hexdigest()[:16]
              for s, src in _paths(data, args.data_dir).items()}  # fmt: skip
     info = {
         "created_by": "python -m refusal_training.head_recipe",
         "options": {k: str(v) for k, v in vars(args).items()},
         "data_sha256": files,
-        "head": {"l2": args.l2, "offset": offset, "u_dot_h_mean": float(lift.mean()),
+        "head": {"l2": args.l2, "offset": offset, "middle_layer": args.middle_layer or None,
+                 "corpus_weight": args.corpus_weight, "u_dot_h_mean": float(lift.mean()),
                  "u_dot_h_sd": float(lift.std()), "trained_on": sorted(
                      {n for n in ds.names if trainable(n)}),
                  "examples": int(train.sum())},  # fmt: skip
@@ -204,8 +225,10 @@ def _soft_token_info(args: argparse.Namespace) -> dict:
                 "device": args.device}  # fmt: skip
     earlier = args.soft_tokens_from.with_suffix(".json")
     info = json.loads(earlier.read_text()) if earlier.is_file() else {}
-    return {"from": "an earlier run", **info.get("soft_tokens", {}),
-            "device": info.get("options", {}).get("device")}
+    # The device the vectors were trained on: their own record first (a reused
+    # artefact's options.device is the device of the run that reused them).
+    return {"from": "an earlier run", "device": info.get("options", {}).get("device"),
+            **info.get("soft_tokens", {})}
 
 
 def _paths(data: dict, data_dir: Path) -> dict[str, str]:
@@ -242,6 +265,10 @@ def main(argv=None) -> int:
     parser.add_argument("--cache-dir", type=Path)
     parser.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
     parser.add_argument("--l2", type=float, default=1e-3, help="L2 penalty of the head")
+    parser.add_argument("--middle-layer", type=int, default=16,
+                        help="also read the input of this decoder layer (0: the final state only)")
+    parser.add_argument("--corpus-weight", type=float, default=3.0,
+                        help="weight of the project's corpus rows against the public sets' rows")
     parser.add_argument("--split-seed", type=int, default=0)
     parser.add_argument("--soft-steps", type=int, default=120)
     parser.add_argument("--soft-batch", type=int, default=8)

@@ -58,12 +58,15 @@ def control_probabilities(model_dir: Path, prompts: Sequence[str], batch_size: i
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .middle_head import attach
+
     manifest = RefusalManifest.load(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
+    middle = attach(model, model_dir)  # a middle-layer head, as the served model applies it
     ids = torch.tensor(manifest.ids)
     out = []
     with torch.inference_mode():
@@ -78,6 +81,8 @@ def control_probabilities(model_dir: Path, prompts: Sequence[str], batch_size: i
             # Only the decision position's logits: the full [batch, length, vocab]
             # tensor would be most of the time and memory at a 49k vocabulary.
             logits = model(**batch, logits_to_keep=1).logits[:, -1, :].float()
+            if middle is not None:
+                logits = middle.add_to(logits)
             out.append(torch.softmax(logits, dim=-1)[:, ids].numpy())
     return np.concatenate(out)
 

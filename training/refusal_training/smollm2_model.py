@@ -17,7 +17,12 @@ What the build changes in the base model, and nothing else:
   control tokens (:mod:`.decision_head`): at the decision position they
   outrank every ordinary token and their softmax is the head's;
 * the control tokens' input embeddings are ``[respond]`` = newline and the
-  trained refusal vectors (:mod:`.soft_tokens`).
+  trained refusal vectors (:mod:`.soft_tokens`);
+* when the head also reads a middle layer (the artefact's ``middle_rows``),
+  ``config.json`` names :class:`refusal_plugins.model.RefusalLlamaForCausalLM`
+  and the layer, and ``refusal_head.safetensors`` holds those rows: vLLM adds
+  ``h_layer @ rows.T`` to the control logits; transformers ignores both
+  (offline tools apply them through :mod:`.middle_head`).
 
 The control rows are large at the decision position only by construction;
 elsewhere they may be too, so this model relies on the processor banning
@@ -43,7 +48,7 @@ from .soft_tokens import newline_id
 
 logger = logging.getLogger(__name__)
 
-BUILD_VERSION = 1
+BUILD_VERSION = 2
 ARTEFACT = "smollm2_refusal.safetensors"
 ARTEFACT_INFO = "smollm2_refusal.json"
 SERVED_NAME = "refusal-smollm2"
@@ -63,10 +68,13 @@ def model_dir(cache_dir: Path | None = None, artefact: Path | None = None) -> Pa
 def assemble(base: Path, artefact: Path, out: Path) -> Path:
     """Write the refusal-token model of ``base`` + ``artefact`` into ``out`` (replaced)."""
     import torch
+    from safetensors import safe_open
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     parts = load_file(str(artefact))
+    with safe_open(str(artefact), "pt") as f:
+        metadata = f.metadata() or {}
     keys = scheme_keys("categorical")
     tokenizer = AutoTokenizer.from_pretrained(base)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
@@ -90,6 +98,8 @@ def assemble(base: Path, artefact: Path, out: Path) -> Path:
     model.save_pretrained(tmp)
     tokenizer.init_kwargs.pop("local_files_only", None)
     tokenizer.save_pretrained(tmp)
+    if "middle_rows" in parts:
+        _add_middle_head(tmp, parts["middle_rows"], int(metadata["middle_layer"]), ids)
     end_id = turn_end_id(tokenizer)
     generation_config(base, tokenizer, end_id).save_pretrained(tmp)
     info_file = artefact.with_name(ARTEFACT_INFO)
@@ -106,6 +116,19 @@ def assemble(base: Path, artefact: Path, out: Path) -> Path:
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     return out
+
+
+def _add_middle_head(model_dir: Path, rows, layer: int, ids: list[int]) -> None:
+    """Name the serving class and write its rows (``refusal_plugins.model``)."""
+    from refusal_plugins.registry import ARCHITECTURE, HEAD_FILE, HEAD_WEIGHT
+    from safetensors.torch import save_file
+
+    config_file = model_dir / "config.json"
+    config = json.loads(config_file.read_text())
+    config["architectures"] = [ARCHITECTURE]
+    config["refusal_head"] = {"layer": layer, "token_ids": ids}
+    config_file.write_text(json.dumps(config, indent=2) + "\n")
+    save_file({HEAD_WEIGHT: rows.contiguous().float()}, str(model_dir / HEAD_FILE))
 
 
 def build_smollm2_refusal(cache_dir: Path | None = None, force: bool = False) -> Path:

@@ -1,0 +1,96 @@
+"""A Llama whose control-token logits also read the middle of the network.
+
+Why: a decision head on the residual stream halfway up SmolLM2 (the input of
+decoder layer 16 of 30) separates harmful from benign prompts of sources it
+never saw better than one on the final hidden state (docs/quality). The final
+state's head folds into the output projection's control-token rows; a
+middle-layer head cannot, because vLLM computes logits from the final state
+alone. This class keeps the layer's input beside the final state and adds
+``h_mid @ W.T`` to the control-token logits in ``compute_logits``.
+
+How it fits vLLM's V1 runner: ``forward`` returns ``cat([final, h_mid], -1)``
+(``[tokens, 2 * hidden]``); the runner only indexes that tensor by the
+positions it samples and hands the rows to ``compute_logits``, which splits
+them again. The middle state comes from Llama's own auxiliary-hidden-state
+hook (the one EAGLE-3 uses), so the decoder stack and its compiled graph are
+vLLM's, unchanged.
+
+A built model opts in through its ``config.json``: ``architectures`` names
+this class and ``refusal_head`` gives ``{"layer": L, "token_ids": [...]}``;
+the weights ``refusal_head.weight`` ``[K, hidden]`` sit in
+``refusal_head.safetensors`` beside the model's (Hugging Face loaders ignore
+that file, vLLM's loads every ``*.safetensors``). Pipeline parallelism and
+speculative decoding are not supported with it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+from vllm.config import VllmConfig
+from vllm.model_executor.models.llama import LlamaForCausalLM
+
+from .registry import ARCHITECTURE, HEAD_WEIGHT
+
+
+class RefusalLlamaForCausalLM(LlamaForCausalLM):
+    """``LlamaForCausalLM`` + a linear control-token head on one layer's input."""
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        config = vllm_config.model_config.hf_config
+        spec = getattr(config, "refusal_head", None)
+        if not isinstance(spec, dict) or "layer" not in spec or "token_ids" not in spec:
+            raise ValueError(f"{ARCHITECTURE} needs config.refusal_head = "
+                             "{'layer': int, 'token_ids': [int, ...]}")  # fmt: skip
+        layer, ids = int(spec["layer"]), [int(i) for i in spec["token_ids"]]
+        if not 0 < layer < config.num_hidden_layers:
+            raise ValueError(f"refusal_head.layer {layer} outside 1..{config.num_hidden_layers - 1}")
+        self._hidden = config.hidden_size
+        self.model._set_aux_hidden_state_layers((layer,))
+        dtype = vllm_config.model_config.dtype
+        self.refusal_head = nn.Parameter(
+            torch.zeros(len(ids), config.hidden_size, dtype=dtype), requires_grad=False
+        )
+        self.register_buffer("refusal_token_ids", torch.tensor(ids, dtype=torch.long),
+                             persistent=False)  # fmt: skip
+
+    def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None):
+        out = self.model(input_ids, positions, intermediate_tensors, inputs_embeds)
+        if not isinstance(out, tuple):  # pipeline stage output: not supported
+            raise NotImplementedError(f"{ARCHITECTURE} runs on one pipeline stage only")
+        final, aux = out
+        return torch.cat([final, aux[0]], dim=-1)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
+        final, middle = hidden_states.split(self._hidden, dim=-1)
+        logits = super().compute_logits(final.contiguous())
+        if logits is None:
+            return None
+        extra = middle.to(self.refusal_head.dtype) @ self.refusal_head.T
+        logits[:, self.refusal_token_ids] += extra.to(logits.dtype)
+        return logits
+
+    def compute_logits_local(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError(f"{ARCHITECTURE} does not support tensor-parallel argmax")
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        found: list[torch.Tensor] = []
+
+        def rest():
+            for name, tensor in weights:
+                if name == HEAD_WEIGHT:
+                    found.append(tensor)
+                else:
+                    yield name, tensor
+
+        loaded = super().load_weights(rest())
+        if len(found) != 1 or tuple(found[0].shape) != tuple(self.refusal_head.shape):
+            shapes = [tuple(t.shape) for t in found]
+            raise ValueError(f"{HEAD_WEIGHT} {tuple(self.refusal_head.shape)} expected, got {shapes}")
+        with torch.no_grad():
+            self.refusal_head.copy_(found[0].to(self.refusal_head.dtype))
+        return loaded | {"refusal_head"}
+

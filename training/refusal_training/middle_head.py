@@ -1,0 +1,50 @@
+"""The middle-layer decision head of a built model, outside vLLM (transformers).
+
+vLLM serves it with :class:`refusal_plugins.model.RefusalLlamaForCausalLM`; the
+offline tools (``score``, ``calibrate``) load the same model with transformers,
+which knows nothing of it. :func:`attach` gives them the same control-token
+logits: it captures the input of the head's layer at the decision position and
+adds ``h @ W.T`` to the control tokens' logits, as the served model does.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from refusal_plugins.registry import ARCHITECTURE, HEAD_FILE, HEAD_WEIGHT
+
+
+def spec(model_dir: Path) -> dict | None:
+    """``config.json``'s ``refusal_head`` (``{"layer", "token_ids"}``), or None without one."""
+    config = json.loads((model_dir / "config.json").read_text())
+    if ARCHITECTURE not in config.get("architectures", []):
+        return None
+    return config["refusal_head"]
+
+
+class MiddleHead:
+    """Captures layer ``L``'s input on each forward pass; :meth:`add_to` applies the head."""
+
+    def __init__(self, model, model_dir: Path, head: dict):
+        from safetensors.torch import load_file
+
+        self.weight = load_file(str(model_dir / HEAD_FILE))[HEAD_WEIGHT].float()
+        self.ids = list(head["token_ids"])
+        self._last = None
+        model.model.layers[int(head["layer"])].register_forward_pre_hook(self._hook, with_kwargs=True)
+
+    def _hook(self, _module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        self._last = hidden[:, -1].float()  # left-padded batches: the decision position
+
+    def add_to(self, logits):
+        """``logits`` [batch, vocab] at the last position of the last forward pass (edited)."""
+        logits[:, self.ids] += self._last @ self.weight.T
+        return logits
+
+
+def attach(model, model_dir: Path) -> MiddleHead | None:
+    """The model's middle head hooked into ``model`` (a transformers Llama), or None."""
+    head = spec(model_dir)
+    return None if head is None else MiddleHead(model, model_dir, head)
