@@ -48,6 +48,8 @@ class RefusalLlamaForCausalLM(LlamaForCausalLM):
         layer, ids = int(spec["layer"]), [int(i) for i in spec["token_ids"]]
         if not 0 < layer < config.num_hidden_layers:
             raise ValueError(f"refusal_head.layer {layer} outside 1..{config.num_hidden_layers - 1}")
+        if not ids or len(set(ids)) != len(ids) or not all(0 <= i < config.vocab_size for i in ids):
+            raise ValueError(f"refusal_head.token_ids must be distinct ids below {config.vocab_size}")
         self._hidden = config.hidden_size
         self.model._set_aux_hidden_state_layers((layer,))
         dtype = vllm_config.model_config.dtype

@@ -65,3 +65,12 @@ def test_features_of_a_middle_layer_are_its_input_at_the_decision_position(tmp_p
         with torch.inference_mode():
             hidden = model(input_ids=ids, output_hidden_states=True).hidden_states[3][0, -1]
         np.testing.assert_allclose(row, hidden.numpy(), atol=1e-4)
+
+
+def test_only_a_middle_layer_can_be_read(tmp_path):
+    import pytest
+
+    tiny_llama(tmp_path, layer=None)
+    for layer in (0, 4, -1):  # the embeddings, past the last layer, Python's negative index
+        with pytest.raises(ValueError, match="not a middle layer"):
+            _extract(tmp_path, ["w5"], batch_size=1, device="cpu", layer=layer)

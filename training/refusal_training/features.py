@@ -92,6 +92,8 @@ class _Reached(Exception):
 def _middle(model, layer: int):
     """A callable running ``model`` up to ``layer`` and returning that layer's input (the
     residual stream, Hugging Face's ``hidden_states[layer]``) at every position."""
+    if not 0 < layer < len(model.model.layers):  # 0 is the embeddings; the last is the final state
+        raise ValueError(f"layer {layer} is not a middle layer (1..{len(model.model.layers) - 1})")
     captured = {}
 
     def hook(_module, args, kwargs):
