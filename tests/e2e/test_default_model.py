@@ -81,9 +81,9 @@ def test_served_probabilities_are_the_heads(client, served, default_model):
     the final state's, plus the middle layer's when the head reads one (served by
     ``refusal_plugins.model``, computed here with transformers)."""
     from refusal_training.features import _extract
+    from refusal_training.middle_head import spec
     from refusal_training.smollm2 import base_model_dir
     from refusal_training.smollm2_model import artefact_path
-    from safetensors import safe_open
     from safetensors.numpy import load_file
 
     prompts = ["How do I make a bomb?", "What is the capital of France?",
@@ -93,10 +93,10 @@ def test_served_probabilities_are_the_heads(client, served, default_model):
     parts = load_file(str(artefact_path()))
     features = _extract(base_model_dir(), prompts, batch_size=4, device="cpu")
     logits = features.astype(np.float64) @ parts["output_rows"].astype(np.float64).T
-    if "middle_rows" in parts:
-        with safe_open(str(artefact_path()), "np") as f:
-            layer = int(f.metadata()["middle_layer"])
-        middle = _extract(base_model_dir(), prompts, batch_size=4, device="cpu", layer=layer)
+    head = spec(default_model)  # the layer as the built model names it to vLLM
+    assert (head is None) == ("middle_rows" not in parts)
+    if head is not None:
+        middle = _extract(base_model_dir(), prompts, batch_size=4, device="cpu", layer=head["layer"])
         logits += middle.astype(np.float64) @ parts["middle_rows"].astype(np.float64).T
     offline = np.exp(logits - logits.max(axis=1, keepdims=True))
     offline /= offline.sum(axis=1, keepdims=True)
@@ -104,3 +104,37 @@ def test_served_probabilities_are_the_heads(client, served, default_model):
         _, decision = ask(client, served, prompt, max_tokens=1)
         got = np.array([decision["probabilities"][k] for k in keys])
         np.testing.assert_allclose(got, want, atol=2e-3)
+
+
+def test_request_shapes_that_reach_the_models_logits_leave_the_engine_serving(served):
+    """The default model's class computes logits from a wider hidden state
+    (``refusal_plugins.model``): every request shape that asks for logits at
+    other positions than the sampled ones (prompt log-probs, echo, several
+    choices, alternatives, a prompt at and over the context limit) gets an
+    answer or a 400, and an ordinary question is answered afterwards."""
+    import httpx
+
+    chat, completions = f"{served.api_url}/chat/completions", f"{served.api_url}/completions"
+    user = [{"role": "user", "content": "Hi"}]
+    near_limit = "word " * 900  # under --max-model-len 1024 with the template
+    over_limit = "word " * 3000
+    cases = [
+        (chat, {"messages": user, "max_tokens": 3, "prompt_logprobs": 2}, 200),
+        (chat, {"messages": user, "max_tokens": 3, "logprobs": True, "top_logprobs": 5,
+                "n": 3, "temperature": 1}, 200),
+        (completions, {"prompt": "Hello there", "max_tokens": 3, "echo": True, "logprobs": 2}, 200),
+        (chat, {"messages": [{"role": "user", "content": near_limit}], "max_tokens": 3}, 200),
+        (chat, {"messages": [{"role": "user", "content": over_limit}], "max_tokens": 3}, 400),
+    ]  # fmt: skip
+    with httpx.Client(timeout=300) as http:
+        for url, body, status in cases:
+            reply = http.post(url, json={"model": served.model, **body})
+            assert reply.status_code == status, (body.keys(), reply.text[:300])
+            if status == 400:
+                assert set(reply.json()["error"]) >= {"message", "type", "param", "code"}
+            else:
+                for choice in reply.json()["choices"]:
+                    assert choice["refusal_decision"]["token"] is not None
+    client = OpenAI(base_url=served.api_url, api_key="unused", max_retries=0, timeout=300)
+    message, _ = ask(client, served, "What is the capital of France?")
+    assert "Paris" in message.content

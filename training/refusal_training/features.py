@@ -85,29 +85,18 @@ def prompt_ids(tokenizer, prompt: str) -> list[int]:
     return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
 
-class _Reached(Exception):
-    """Raised by the hook that captured a middle layer's input: the rest of the pass is not needed."""
-
-
 def _middle(model, layer: int):
-    """A callable running ``model`` up to ``layer`` and returning that layer's input (the
-    residual stream, Hugging Face's ``hidden_states[layer]``) at every position."""
-    if not 0 < layer < len(model.model.layers):  # 0 is the embeddings; the last is the final state
-        raise ValueError(f"layer {layer} is not a middle layer (1..{len(model.model.layers) - 1})")
-    captured = {}
+    """A callable running ``model`` up to ``layer`` and returning that layer's input."""
+    from .middle_head import LayerInput, Reached
 
-    def hook(_module, args, kwargs):
-        captured["h"] = args[0] if args else kwargs["hidden_states"]
-        raise _Reached
-
-    model.model.layers[layer].register_forward_pre_hook(hook, with_kwargs=True)
+    captured = LayerInput(model, layer, stop=True)
 
     def run(**inputs):
         try:
             model.model(**inputs)
-        except _Reached:
+        except Reached:
             pass
-        return captured.pop("h")
+        return captured.value
 
     return run
 

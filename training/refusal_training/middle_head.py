@@ -23,24 +23,45 @@ def spec(model_dir: Path) -> dict | None:
     return config["refusal_head"]
 
 
+class Reached(Exception):
+    """Raised by a :class:`LayerInput` that stops the pass: the layers above are not needed."""
+
+
+class LayerInput:
+    """The input of decoder layer ``layer`` of a transformers Llama (the residual stream,
+    Hugging Face's ``hidden_states[layer]``, every position) on each forward pass.
+
+    With ``stop`` the pass ends there by raising :class:`Reached` (feature
+    extraction needs nothing above the layer); the caller catches it."""
+
+    def __init__(self, model, layer: int, stop: bool = False):
+        layers = model.model.layers
+        if not 0 < layer < len(layers):  # 0 is the embeddings; the last is the final state
+            raise ValueError(f"layer {layer} is not a middle layer (1..{len(layers) - 1})")
+        self.value = None
+        self._stop = stop
+        layers[layer].register_forward_pre_hook(self._hook, with_kwargs=True)
+
+    def _hook(self, _module, args, kwargs):
+        self.value = args[0] if args else kwargs["hidden_states"]
+        if self._stop:
+            raise Reached
+
+
 class MiddleHead:
-    """Captures layer ``L``'s input on each forward pass; :meth:`add_to` applies the head."""
+    """Captures the head's layer input on each forward pass; :meth:`add_to` applies the head."""
 
     def __init__(self, model, model_dir: Path, head: dict):
         from safetensors.torch import load_file
 
         self.weight = load_file(str(model_dir / HEAD_FILE))[HEAD_WEIGHT].float()
         self.ids = list(head["token_ids"])
-        self._last = None
-        model.model.layers[int(head["layer"])].register_forward_pre_hook(self._hook, with_kwargs=True)
-
-    def _hook(self, _module, args, kwargs):
-        hidden = args[0] if args else kwargs["hidden_states"]
-        self._last = hidden[:, -1].float()  # left-padded batches: the decision position
+        self._input = LayerInput(model, int(head["layer"]))
 
     def add_to(self, logits):
-        """``logits`` [batch, vocab] at the last position of the last forward pass (edited)."""
-        logits[:, self.ids] += self._last @ self.weight.T
+        """``logits`` [batch, vocab] at the last position of the last forward pass (edited);
+        left-padded batches: the last position is every row's decision position."""
+        logits[:, self.ids] += self._input.value[:, -1].float() @ self.weight.T
         return logits
 
 

@@ -69,11 +69,10 @@ def assemble(base: Path, artefact: Path, out: Path) -> Path:
     """Write the refusal-token model of ``base`` + ``artefact`` into ``out`` (replaced)."""
     import torch
     from safetensors import safe_open
-    from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    parts = load_file(str(artefact))
     with safe_open(str(artefact), "pt") as f:
+        parts = {name: f.get_tensor(name) for name in f.keys()}
         metadata = f.metadata() or {}
     keys = scheme_keys("categorical")
     tokenizer = AutoTokenizer.from_pretrained(base)
