@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 
-.PHONY: serve test unit lint bench bench-smoke bench-step bench-explain bench-venv system-deps fuzz soak
+.PHONY: serve test unit lint bench bench-smoke bench-step bench-explain bench-layer bench-venv system-deps fuzz soak
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -52,6 +52,11 @@ bench-step: $(STAMP)
 
 bench-explain: $(STAMP)
 	$(PY) -m bench explain $(ARGS)
+
+# The layer's own CPU per request, in-process in front of a stand-in engine (no
+# server, no noise from the engine): ~1 min; ARGS="--profile" shows where it goes.
+bench-layer: $(STAMP)
+	$(PY) -m bench layer --out bench/results $(ARGS)
 
 bench-venv: $(STAMP)
 	$(PY) -c 'from pathlib import Path; from bench.peer import ensure_venv; ensure_venv(Path("$(BENCH_VENV)"))'

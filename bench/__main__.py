@@ -4,6 +4,7 @@
     python -m bench report bench/results/RUN.json     # the Markdown table again
     python -m bench step [--batches 1 32 256]         # the processor's cost per engine step
     python -m bench explain                           # why an outside run found the stack "faster"
+    python -m bench layer [--tokens 16] [--profile]   # the layer's own CPU per request, in-process
 
 ``run`` writes ``bench/results/<UTC stamp>.json`` (every round of every case,
 the same-work check, the machine, the load average) and ``.md`` (the table the
@@ -56,6 +57,28 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def cmd_layer(args: argparse.Namespace) -> int:
+    import os
+    import time
+
+    from . import layer_cpu
+
+    os.environ.setdefault("REFUSAL_GATEWAY_LAYER_LOGS", "stderr")  # the access log, as served
+    report = layer_cpu.measure(Path(_model(args.model)), tokens=args.tokens, requests=args.requests,
+                               rounds=args.rounds, concurrency=args.concurrency, profile=args.profile,
+                               prompt_words=tuple(args.prompt_words), n_values=tuple(args.n))  # fmt: skip
+    for name, text in report.pop("profile", {}).items():
+        print(f"## {name}\n{text}")
+    md = layer_cpu.markdown(report)
+    print(md)
+    if args.out is not None:
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / f"layer-{stamp}.json").write_text(json.dumps(report, indent=1) + "\n")
+        (args.out / f"layer-{stamp}.md").write_text(md)
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from . import report as rep
 
@@ -87,6 +110,18 @@ def main(argv: list[str] | None = None) -> int:
     rep = sub.add_parser("report", help="print the Markdown table of a result file")
     rep.add_argument("file")
     rep.set_defaults(func=cmd_report)
+    layer = sub.add_parser("layer", help="the layer's own CPU per request, in-process (bench.layer_cpu)")
+    layer.add_argument("--model", help="refusal-token model dir (default: the demo model)")
+    layer.add_argument("--tokens", type=int, default=16, help="tokens per answer")
+    layer.add_argument("--requests", type=int, default=2000, help="requests per case and round")
+    layer.add_argument("--rounds", type=int, default=5)
+    layer.add_argument("--concurrency", type=int, default=64)
+    layer.add_argument("--profile", action="store_true", help="print cProfile of the layer cases")
+    layer.add_argument("--prompt-words", type=int, nargs="*", default=[1000, 4000],
+                       help="growth: words added to the prompt (≈ tokens)")
+    layer.add_argument("--n", type=int, nargs="*", default=[8], help="growth: choices per request")
+    layer.add_argument("--out", type=Path, default=None, help="write layer-<stamp>.json/.md here")
+    layer.set_defaults(func=cmd_layer)
     step = sub.add_parser("step", help="bench.step_overhead (processor cost per engine step)")
     step.set_defaults(func=lambda a: _delegate("bench.step_overhead", a.rest))
     step.add_argument("rest", nargs=argparse.REMAINDER)

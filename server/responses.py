@@ -10,7 +10,6 @@ request, which becomes the same 503 + ``Retry-After`` as the requests after it.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from starlette.types import Message, Send
@@ -29,6 +28,7 @@ from .scrub import (
     strip_token_ids,
 )
 from .stream import StreamRewriter
+from .vllm_json import decode
 
 #: What vLLM's 500 says when the EngineCore died under a request.
 ENGINE_DEAD_MARKERS = (b"EngineCore encountered an issue", b"EngineDeadError")
@@ -115,13 +115,13 @@ class Responder:
 
     def _rewrite_json(self, raw: bytes) -> bytes:
         try:
-            payload = json.loads(raw)
-        except ValueError:
+            document = decode(raw)
+        except (ValueError, RecursionError):
             return raw
         rewrite_completion(
-            self.gateway, payload, self.plan, self.route.message, self.log, self.outcome
+            self.gateway, document.value, self.plan, self.route.message, self.log, self.outcome
         )
-        return json.dumps(payload, ensure_ascii=False).encode()
+        return document.encode()
 
     async def _error(self, raw: bytes) -> None:
         """vLLM's 500; a dead engine becomes a 503 + Retry-After (the launcher restarts it)."""

@@ -13,7 +13,6 @@ or a chunk carries a special token the client asked not to see.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from typing import Any
 
@@ -26,6 +25,7 @@ from .scrub import (
     strip_prompt_logprobs,
     strip_token_ids,
 )
+from .vllm_json import decode
 
 EVENT_END = b"\n\n"
 DATA = b"data: "
@@ -87,9 +87,10 @@ class StreamRewriter:
         if not event.startswith(DATA) or event.startswith(b"data: [DONE]"):
             return event
         try:
-            payload = json.loads(event[len(DATA) :])
-        except ValueError:
+            document = decode(event[len(DATA) :])
+        except (ValueError, RecursionError):
             return event
+        payload = document.value
         if not isinstance(payload, dict):
             return event
         if self._plan.logprobs:
@@ -97,7 +98,7 @@ class StreamRewriter:
         for choice in payload.get("choices") or []:
             if isinstance(choice, dict):
                 self._choice(choice)
-        return DATA + json.dumps(payload, ensure_ascii=False).encode() + EVENT_END
+        return DATA + document.encode() + EVENT_END
 
     def _choice(self, choice: dict[str, Any]) -> None:
         index = choice.get("index", 0)
