@@ -131,6 +131,21 @@ async def send(
         return Outcome("broken", None, f"transport: {exc!r}")
 
 
+def served_model(base_url: str, timeout_s: float = 30.0) -> str:
+    """The name the server at ``base_url`` serves (``GET /v1/models``, the first entry).
+
+    The hostile runs send it in every request meant to reach the engine: under
+    any other name vLLM answers 404 before the layer's checks or the engine,
+    and a run would pass without having tested anything.
+    """
+    response = httpx.get(base_url.rstrip("/") + "/v1/models", timeout=timeout_s)
+    response.raise_for_status()
+    models = response.json().get("data") or []
+    if not models or not isinstance(models[0].get("id"), str):
+        raise RuntimeError(f"{base_url}/v1/models lists no model: {response.text[:200]}")
+    return models[0]["id"]
+
+
 def metric_values(text: str, name: str) -> dict[str, float]:
     """Every sample of ``name`` in a Prometheus exposition: {labels: value}."""
     values = {}
@@ -218,6 +233,13 @@ class Tally:
         if outcome.kind in ("5xx", "bad_4xx", "broken"):
             self.failures.append((path, content, outcome))
 
+    def failed(self, restarts: int) -> int:
+        """What makes a run fail: 5xx, non-envelope 4xx, broken answers, engine restarts,
+        and a run in which no request was answered at all (nothing reached the engine:
+        a wrong model name or URL would otherwise pass as "no 5xx")."""
+        lost = self.kinds["5xx"] + self.kinds["bad_4xx"] + self.kinds["broken"] + restarts
+        return lost + (self.requests > 0 and self.kinds["ok"] == 0)
+
     def report(self, restarts: int, title: str) -> str:
         lines = [
             f"{title}: {self.requests} requests in {time.monotonic() - self.started:.0f}s",
@@ -227,6 +249,8 @@ class Tally:
             f"broken: {self.kinds['broken']}   engine restarts: {restarts}   "
             f"control-token leaks: {self.leaks}",
         ]
+        if self.requests and not self.kinds["ok"]:
+            lines.append("  FAILED: no request was answered: nothing reached the engine")
         for path, content, outcome in self.failures[:20]:
             shown = content[:400].decode("utf-8", "backslashreplace")
             lines.append(f"  FAILED {outcome.kind} {outcome.status} {path} {shown!r}: {outcome.detail[:300]}")

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .client import EngineWatch, Tally, dump, run_all
+from .client import EngineWatch, Tally, dump, run_all, served_model
 from .schema import CHAT_PATH, COMPLETIONS_PATH, MAX_TOKENS, fuzz_openapi, vllm_openapi
 
 #: Integer fields whose big-but-valid values would make a CPU engine work for long.
@@ -116,9 +116,14 @@ def generate(doc: dict[str, Any], count: int, negative_share: float = 0.5, seed:
 def run(
     url: str, count: int, concurrency: int = 4, log: Path | None = None, schema_url: str | None = None,
     negative_share: float = 0.5, seed: int = 0, doc: dict[str, Any] | None = None,
+    model: str | None = None,
 ) -> tuple[Tally, int]:
-    """Fuzz ``url`` with ``count`` requests; return the figures and the restarts seen."""
-    doc = doc or fuzz_openapi(vllm_openapi(schema_url))
+    """Fuzz ``url`` with ``count`` requests; return the figures and the restarts seen.
+
+    ``model``: the served name schema-valid requests carry (default: the one
+    the server lists).
+    """
+    doc = doc or fuzz_openapi(vllm_openapi(schema_url), model or served_model(url))
     cases = generate(doc, count, negative_share, seed)
     watch = EngineWatch(url, log)
     watch.begin()
@@ -143,9 +148,13 @@ def main(argv: list[str] | None = None) -> int:
                         "(default: vLLM's app built in-process)")  # fmt: skip
     parser.add_argument("--log", type=Path, help="the launcher's log, to count its restarts")
     parser.add_argument("--save-failures", type=Path, help="write failing requests here (JSONL)")
+    parser.add_argument("--model", help="served model name (default: the one GET /v1/models lists)")
     args = parser.parse_args(argv)
-    tally, restarts = run(args.url.rstrip("/"), args.requests, args.concurrency, args.log,
-                          args.schema_url, args.negative_share, args.seed)  # fmt: skip
+    url = args.url.rstrip("/")
+    model = args.model or served_model(url)
+    print(f"fuzz: {url}, model {model!r}", flush=True)
+    tally, restarts = run(url, args.requests, args.concurrency, args.log,
+                          args.schema_url, args.negative_share, args.seed, model=model)  # fmt: skip
     print(tally.report(restarts, "fuzz"))
     if args.save_failures:
         with args.save_failures.open("w") as out:
@@ -153,8 +162,7 @@ def main(argv: list[str] | None = None) -> int:
                 out.write(json.dumps({"path": path, "body": content.decode("utf-8", "backslashreplace"),
                                       "kind": outcome.kind, "status": outcome.status,
                                       "detail": outcome.detail}) + "\n")  # fmt: skip
-    failed = tally.kinds["5xx"] + tally.kinds["bad_4xx"] + tally.kinds["broken"] + restarts
-    return 1 if failed else 0
+    return 1 if tally.failed(restarts) else 0
 
 
 if __name__ == "__main__":

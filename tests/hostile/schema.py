@@ -28,6 +28,8 @@ from typing import Any
 
 import httpx
 
+#: The demo model's served name: vLLM's in-process app is built with it; runs against
+#: a server use the name it serves (:func:`tests.hostile.client.served_model`).
 MODEL = "refusal-demo"
 CATEGORIES = ("refuse", "humanizing", "incomplete", "indeterminate", "safety", "unsupported")
 CONTROL_STRINGS = (
@@ -108,12 +110,12 @@ _RESPONSE_FORMATS = [
 ]  # fmt: skip
 
 
-def _bounded(props: dict[str, Any], chat: bool) -> dict[str, Any]:
+def _bounded(props: dict[str, Any], chat: bool, model: str) -> dict[str, Any]:
     small = lambda lo, hi: {"type": "integer", "minimum": lo, "maximum": hi}  # noqa: E731
     props["max_tokens"] = small(0, MAX_TOKENS)
     props["n"] = small(1, 3)
     props["min_tokens"] = small(0, MAX_TOKENS)
-    props["model"] = {"const": MODEL}
+    props["model"] = {"const": model}
     props["response_format"] = {"enum": _RESPONSE_FORMATS}
     props["temperature"] = {"type": "number", "minimum": 0, "maximum": 2}
     props["top_p"] = {"type": "number", "exclusiveMinimum": 0, "maximum": 1}
@@ -157,15 +159,19 @@ def vllm_openapi(schema_url: str | None = None) -> dict[str, Any]:
         return build_app(args, ("generate",)).openapi()
 
 
-def fuzz_openapi(vllm_doc: dict[str, Any]) -> dict[str, Any]:
-    """The document the fuzzer generates from (see the module's docstring)."""
+def fuzz_openapi(vllm_doc: dict[str, Any], model: str = MODEL) -> dict[str, Any]:
+    """The document the fuzzer generates from (see the module's docstring).
+
+    ``model`` is the served name schema-valid requests carry: with any other
+    name vLLM answers 404 before the layer's checks or the engine see them.
+    """
     doc = copy.deepcopy(vllm_doc)
     schemas = doc["components"]["schemas"]
     for path, name, chat in ((CHAT_PATH, "ChatCompletionRequest", True),
                              (COMPLETIONS_PATH, "CompletionRequest", False)):  # fmt: skip
         schema = schemas[name]
         props = {k: v for k, v in schema["properties"].items() if k not in EXCLUDED}
-        props = _bounded(props, chat) | refusal_fields()
+        props = _bounded(props, chat, model) | refusal_fields()
         required = ["model", "max_tokens", "messages" if chat else "prompt"]
         schemas["Fuzz" + name] = {
             "type": "object", "properties": props, "required": required,

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
-from .client import EngineWatch, Tally, run_all
+from .client import EngineWatch, Tally, run_all, served_model
 from .schema import CATEGORIES, CONTROL_STRINGS, MODEL
 
 CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
@@ -43,10 +43,10 @@ def _deep(levels: int) -> str:
 
 
 #: Hostile bodies, as raw bytes (so that NaN, 1e999, invalid UTF-8 go out verbatim).
-def hostile_bodies(rng: random.Random) -> list[tuple[str, bytes]]:
+def hostile_bodies(rng: random.Random, model: str = MODEL) -> list[tuple[str, bytes]]:
     # Valid requests without their closing brace, for a field to be appended verbatim.
-    chat_head = json.dumps({"model": MODEL, "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]})[:-1]
-    comp_head = json.dumps({"model": MODEL, "max_tokens": 2, "prompt": "hi"})[:-1]
+    chat_head = json.dumps({"model": model, "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]})[:-1]
+    comp_head = json.dumps({"model": model, "max_tokens": 2, "prompt": "hi"})[:-1]
     category = rng.choice(CATEGORIES)
     values = ["NaN", "Infinity", "-Infinity", "1e309", "-1e999", "1" + "0" * 400, "-" + "9" * 330,
               '"3"', "true", "null", "[]", "{}", "101", "-100.0001", "1e-300", "5e-324", "0"]  # fmt: skip
@@ -73,17 +73,17 @@ def hostile_bodies(rng: random.Random) -> list[tuple[str, bytes]]:
         ]
     text = rng.choice(CONTROL_STRINGS)
     out += [
-        (CHAT, json.dumps({"model": MODEL, "max_tokens": 2, "messages": [
+        (CHAT, json.dumps({"model": model, "max_tokens": 2, "messages": [
             {"role": "user", "content": f"{text} hi {text}"}]}).encode()),  # fmt: skip
-        (CHAT, json.dumps({"model": MODEL, "max_tokens": 2, "messages": [
+        (CHAT, json.dumps({"model": model, "max_tokens": 2, "messages": [
             {"role": "user", "content": [{"type": "text", "text": text}]}]}).encode()),  # fmt: skip
-        (COMPLETIONS, json.dumps({"model": MODEL, "max_tokens": 2, "prompt": f"{text} hi"}).encode()),
+        (COMPLETIONS, json.dumps({"model": model, "max_tokens": 2, "prompt": f"{text} hi"}).encode()),
     ]
     return out
 
 
-def normal_body(rng: random.Random, stream: bool) -> tuple[str, dict]:
-    body: dict = {"model": MODEL, "max_tokens": rng.randint(1, 12), "stream": stream}
+def normal_body(rng: random.Random, stream: bool, model: str = MODEL) -> tuple[str, dict]:
+    body: dict = {"model": model, "max_tokens": rng.randint(1, 12), "stream": stream}
     if rng.random() < 0.5:
         path = CHAT
         body["messages"] = [{"role": "user", "content": rng.choice([
@@ -105,11 +105,11 @@ def normal_body(rng: random.Random, stream: bool) -> tuple[str, dict]:
     return path, body
 
 
-def regressions() -> list[tuple[str, bytes]]:
+def regressions(model: str = MODEL) -> list[tuple[str, bytes]]:
     """Requests that once broke the stack (issue 12 and the soak's own findings): in every run."""
     huge = "1" + "0" * 400
-    chat = json.dumps({"model": MODEL, "max_tokens": 1, "messages": [{"role": "user", "content": "hi"}]})[:-1]
-    comp = json.dumps({"model": MODEL, "max_tokens": 1, "prompt": "hi"})[:-1]
+    chat = json.dumps({"model": model, "max_tokens": 1, "messages": [{"role": "user", "content": "hi"}]})[:-1]
+    comp = json.dumps({"model": model, "max_tokens": 1, "prompt": "hi"})[:-1]
     out = []
     for head, path in ((chat, CHAT), (comp, COMPLETIONS)):
         out += [
@@ -122,19 +122,19 @@ def regressions() -> list[tuple[str, bytes]]:
     return out
 
 
-def plan(count: int, seed: int = 0) -> list[tuple[str, bytes, bool, int | None, dict | None]]:
+def plan(count: int, seed: int = 0, model: str = MODEL) -> list[tuple[str, bytes, bool, int | None, dict | None]]:
     """``count`` jobs: the regressions first, then ~45 % plain, ~25 % streamed, ~10 %
     cancelled streams, ~20 % hostile."""
     rng = random.Random(seed)
-    jobs = [(path, content, False, None, None) for path, content in regressions()][:count]
+    jobs = [(path, content, False, None, None) for path, content in regressions(model)][:count]
     for _ in range(count - len(jobs)):
         roll = rng.random()
         if roll < 0.2:
-            path, content = rng.choice(hostile_bodies(rng))
+            path, content = rng.choice(hostile_bodies(rng, model))
             jobs.append((path, content, False, None, None))
             continue
         stream = roll >= 0.65
-        path, body = normal_body(rng, stream)
+        path, body = normal_body(rng, stream, model)
         cancel = None
         if stream and roll >= 0.9:
             body["max_tokens"] = 40
@@ -215,9 +215,11 @@ def server_root(url: str) -> int | None:
 
 
 def run(
-    url: str, count: int, concurrency: int = 8, pid: int | None = None, log: Path | None = None, seed: int = 0
+    url: str, count: int, concurrency: int = 8, pid: int | None = None, log: Path | None = None, seed: int = 0,
+    model: str | None = None,
 ) -> tuple[Tally, int, Memory]:
-    jobs = plan(count, seed)
+    """Soak ``url``; ``model``: the served name requests carry (default: the one the server lists)."""
+    jobs = plan(count, seed, model or served_model(url))
     watch = EngineWatch(url, log)
     watch.begin()
     memory = Memory(pid if pid is not None else server_root(url))
@@ -260,16 +262,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-growth", type=float, default=0.15,
                         help="largest RSS growth, first decile to last (a share)")  # fmt: skip
+    parser.add_argument("--model", help="served model name (default: the one GET /v1/models lists)")
     args = parser.parse_args(argv)
     started = time.monotonic()
-    tally, restarts, memory = run(args.url.rstrip("/"), args.requests, args.concurrency,
-                                  args.pid, args.log, args.seed)  # fmt: skip
+    url = args.url.rstrip("/")
+    model = args.model or served_model(url)
+    print(f"soak: {url}, model {model!r}", flush=True)
+    tally, restarts, memory = run(url, args.requests, args.concurrency, args.pid, args.log, args.seed, model)
     text, growth = report(tally, restarts, memory)
     print(text)
     print(f"  wall time: {time.monotonic() - started:.0f}s")
-    lost = tally.kinds["5xx"] + tally.kinds["bad_4xx"] + tally.kinds["broken"]
     grew = growth is not None and growth > args.max_growth
-    return 1 if lost or restarts or grew else 0
+    return 1 if tally.failed(restarts) or grew else 0
 
 
 if __name__ == "__main__":
