@@ -38,7 +38,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     plan = Plan(model=_model(args.model), out_dir=args.out, rounds=args.rounds,
                 concurrency=args.concurrency, modes=args.modes, output_len=args.output_len,
                 prompts_scale=args.prompts_scale, peer=not args.no_peer, plain_b=not args.no_plain_b,
-                scaling=not args.no_scaling, bind=args.bind, venv=args.venv)  # fmt: skip
+                scaling=not args.no_scaling, bind=args.bind, venv=args.venv,
+                prompt_lengths=args.prompt_lengths, n_values=args.n_values,
+                scaling_concurrency=args.scaling_concurrency, max_model_len=args.max_model_len)  # fmt: skip
+    longest = max(plan.prompt_lengths) + plan.output_len
+    if plan.scaling and longest > plan.max_model_len:
+        raise SystemExit(f"--prompt-lengths up to {max(plan.prompt_lengths)} + --output-len need "
+                         f"--max-model-len >= {longest} (and a model whose context allows it)")
     if args.smoke:
         plan.rounds, plan.concurrency, plan.modes = 1, [1, 4], ["stream", "nostream"]
         plan.output_len, plan.prompts_scale, plan.peer, plan.plain_b = 8, 0.0, False, False
@@ -105,6 +111,12 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--no-peer", action="store_true", help="skip the LiteLLM proxy")
     run.add_argument("--no-plain-b", action="store_true", help="skip the second plain server")
     run.add_argument("--no-scaling", action="store_true", help="skip prompt length / n growth")
+    run.add_argument("--prompt-lengths", type=int, nargs="+", default=[100, 250, 440],
+                     help="growth: prompt tokens (longer than the demo's 512-token context needs "
+                     "--model with a longer one and --max-model-len)")
+    run.add_argument("--n-values", type=int, nargs="+", default=[1, 2, 8], help="growth: choices per request")
+    run.add_argument("--scaling-concurrency", type=int, default=16, help="concurrency of the growth cases")
+    run.add_argument("--max-model-len", type=int, default=512, help="both sides' --max-model-len")
     run.add_argument("--smoke", action="store_true", help="tiny request count, one round (tests)")
     run.set_defaults(func=cmd_run)
     rep = sub.add_parser("report", help="print the Markdown table of a result file")

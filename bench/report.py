@@ -163,13 +163,16 @@ def markdown(report: dict) -> str:
         )  # fmt: skip
     scaling = report["summary"].get("scaling") or []
     if scaling:
-        lines += ["", "| growth (c=16, stream) | plain tokens/s | stack+fields tokens/s | ratio "
-                  "| plain API CPU ms/req | stack+fields API CPU ms/req |", "|---|---|---|---|---|---|"]  # fmt: skip
+        c = (report.get("meta") or {}).get("plan", {}).get("scaling_concurrency", 16)
+        lines += ["", f"| growth (c={c}, stream) | plain tokens/s | stack+fields tokens/s | ratio "
+                  "| TTFT p50 ms: plain | stack+fields "
+                  "| plain API CPU ms/req | stack+fields API CPU ms/req |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for row in scaling:
             p, s = row["plain"], row["stack_fields"]
             lines.append(
                 f"| {row['axis']} = {row['value']} | {_f(p['tokens_per_s'])} | {_f(s['tokens_per_s'])} "
-                f"| {row.get('stack_fields/plain tokens', '–')} | {_f(p['api_cpu_ms_per_request'], 2)} "
+                f"| {row.get('stack_fields/plain tokens', '–')} | {_f(p.get('ttft_p50_ms'))} "
+                f"| {_f(s.get('ttft_p50_ms'))} | {_f(p['api_cpu_ms_per_request'], 2)} "
                 f"| {_f(s['api_cpu_ms_per_request'], 2)} |"
             )  # fmt: skip
     w = report.get("work_check") or {}

@@ -58,6 +58,8 @@ class Plan:
     n_values: list[int] = field(default_factory=lambda: [1, 2, 8])
     work_prompts: int = 8
     bind: str = "0-1"
+    #: Both sides' context; longer for the prompt-length growth on a model that allows it.
+    max_model_len: int = servers.MAX_MODEL_LEN
     venv: Path = Path(".venv-bench")
     smoke: bool = False
 
@@ -258,10 +260,11 @@ class Runner:
         plan = self.plan
         log = self.logs / f"{kind}-r{round_}.log"
         print(f"[round {round_}] starting {kind} (load {os.getloadavg()[0]:.2f})", flush=True)
+        args = servers.engine_args(plan.max_model_len)
         if kind == "stack":
-            srv = servers.start_stack(plan.model, log, plan.bind, self.policy)
+            srv = servers.start_stack(plan.model, log, plan.bind, self.policy, engine_args=args)
         else:
-            srv = servers.start_plain(plan.model, log, plan.bind)
+            srv = servers.start_plain(plan.model, log, plan.bind, engine_args=args)
         self.work.setdefault("start_s", {}).setdefault(kind, []).append(round(srv.started_s, 1))
         try:
             if not self.datasets:
@@ -331,7 +334,7 @@ class Runner:
             "date_utc": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "machine": machine(), "versions": versions(plan), "loadavg_start": os.getloadavg(),
             "plan": {k: (str(v) if isinstance(v, Path) else v) for k, v in plan.__dict__.items()},
-            "engine_args": servers.ENGINE_ARGS, "engine_env": {
+            "engine_args": servers.engine_args(plan.max_model_len), "engine_env": {
                 "VLLM_CPU_OMP_THREADS_BIND": plan.bind, "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
                 "VLLM_CPU_KVCACHE_SPACE": "1"},
             "refusal_fields": REFUSAL_FIELDS, "policy": servers.POLICY,

@@ -26,12 +26,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 SERVED_NAME = "bench"
-#: Same on both sides. ``--enforce-eager`` keeps start-up short (no compile);
-#: ``--max-num-seqs 256`` lets concurrency 256 run as one batch.
-ENGINE_ARGS = [
-    "--dtype", "float32", "--enforce-eager", "--max-model-len", "512",
-    "--max-num-seqs", "256", "--seed", "0", "--disable-log-stats",
-]  # fmt: skip
+#: The demo model's context; :func:`engine_args` takes another for longer prompts.
+MAX_MODEL_LEN = 512
+
+
+def engine_args(max_model_len: int = MAX_MODEL_LEN) -> list[str]:
+    """The engine arguments of both sides of a run.
+
+    ``--enforce-eager`` keeps start-up short (no compile); ``--max-num-seqs 256``
+    lets concurrency 256 run as one batch. ``--no-enable-chunked-prefill``: the
+    launcher prefills unchunked on CPU (vLLM 0.32's CPU worker crashes on
+    seeded chunked prefills), so plain vLLM is told the same — otherwise a
+    prompt that straddles a step's token budget is prefilled in two steps on
+    one side and one on the other, different engine work.
+    """
+    return [
+        "--dtype", "float32", "--enforce-eager", "--max-model-len", str(max_model_len),
+        "--max-num-seqs", "256", "--seed", "0", "--disable-log-stats", "--no-enable-chunked-prefill",
+    ]  # fmt: skip
+
+
+ENGINE_ARGS = engine_args()
 #: The policy file of the stack: the profile the "stack + fields" case names.
 POLICY = """\
 profiles:
@@ -217,13 +232,15 @@ def start_plain(model: str, log: Path, bind: str, timeout_s: float = 600,
     return _spawn("plain", cmd, env if env is not None else engine_env(bind), port, log, timeout_s)
 
 
-def start_stack(model: str, log: Path, bind: str, policy: Path, timeout_s: float = 600) -> Running:
+def start_stack(model: str, log: Path, bind: str, policy: Path, timeout_s: float = 600,
+                engine_args: list[str] | None = None) -> Running:  # fmt: skip
     port = free_port()
     cmd = [
         sys.executable, "-m", "refusal_gateway.cli", "serve",
         "--model", model, "--served-model-name", SERVED_NAME,
         "--host", "127.0.0.1", "--port", str(port),
-        "--canary-interval-s", "0", "--policy-file", str(policy), *ENGINE_ARGS,
+        "--canary-interval-s", "0", "--policy-file", str(policy),
+        *(ENGINE_ARGS if engine_args is None else engine_args),
     ]  # fmt: skip
     return _spawn("stack", cmd, engine_env(bind), port, log, timeout_s)
 

@@ -25,15 +25,20 @@ def test_every_case_is_measured_and_reported(demo_model_dir):
     assert md.count("\n| ") == len(names) + 1  # header + one row per case
 
 
-def test_the_stand_in_behind_the_layer_gets_a_decided_answer(demo_model_dir):
-    """What is measured is the layer's real work: the report read, the token hidden."""
+def _layered(model_dir, tokens: int):
+    """The real middleware in front of the stand-in engine, as the benchmark builds it."""
     from prometheus_client import CollectorRegistry
 
-    manifest = RefusalManifest.load(demo_model_dir)
-    gateway = Gateway(GatewaySettings(model=str(demo_model_dir)), manifest,
-                      model_dir=demo_model_dir, registry=CollectorRegistry())  # fmt: skip
-    engine = layer_cpu.StandInEngine(layer_cpu.control_texts(manifest), tokens=5, width=len(manifest.tokens))
-    layered = RefusalGatewayMiddleware(engine, gateway=gateway)
+    manifest = RefusalManifest.load(model_dir)
+    gateway = Gateway(GatewaySettings(model=str(model_dir)), manifest,
+                      model_dir=model_dir, registry=CollectorRegistry())  # fmt: skip
+    engine = layer_cpu.StandInEngine(layer_cpu.control_texts(manifest), tokens=tokens, width=len(manifest.tokens))
+    return manifest, gateway, engine, RefusalGatewayMiddleware(engine, gateway=gateway)
+
+
+def test_the_stand_in_behind_the_layer_gets_a_decided_answer(demo_model_dir):
+    """What is measured is the layer's real work: the report read, the token hidden."""
+    manifest, gateway, engine, layered = _layered(demo_model_dir, tokens=5)
     case = layer_cpu.Case("x", stream=False, fields=layer_cpu.FIELDS)
     body = layer_cpu._body(case, gateway.model_name, 5)
     answer = json.loads(asyncio.run(layer_cpu._one(layered, body)))
@@ -47,13 +52,7 @@ def test_the_stand_in_behind_the_layer_gets_a_decided_answer(demo_model_dir):
 
 
 def test_a_refused_case_is_refused_and_its_text_moves_to_refusal(demo_model_dir):
-    from prometheus_client import CollectorRegistry
-
-    manifest = RefusalManifest.load(demo_model_dir)
-    gateway = Gateway(GatewaySettings(model=str(demo_model_dir)), manifest,
-                      model_dir=demo_model_dir, registry=CollectorRegistry())  # fmt: skip
-    engine = layer_cpu.StandInEngine(layer_cpu.control_texts(manifest), tokens=4, width=len(manifest.tokens))
-    layered = RefusalGatewayMiddleware(engine, gateway=gateway)
+    manifest, _, _, layered = _layered(demo_model_dir, tokens=4)
     case = layer_cpu.Case("r", stream=False, refused=True)
     message = json.loads(asyncio.run(layer_cpu._one(layered, layer_cpu._body(case, "m", 4))))
     choice = message["choices"][0]
