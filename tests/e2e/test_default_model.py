@@ -78,7 +78,7 @@ def test_the_dial_moves_both_ways(client, served):
 
 def test_served_probabilities_are_the_heads(client, served, default_model):
     """vLLM's logits at the decision position are the artefact's rows · the base hidden states:
-    the final state's, plus the middle layer's when the head reads one (served by
+    the final state's, plus the middle layers' when the head reads some (served by
     ``refusal_plugins.model``, computed here with transformers)."""
     from refusal_training.features import _extract
     from refusal_training.middle_head import spec
@@ -91,13 +91,14 @@ def test_served_probabilities_are_the_heads(client, served, default_model):
     manifest = json.loads((default_model / "refusal_manifest.json").read_text())
     keys = [t["key"] for t in manifest["tokens"]]
     parts = load_file(str(artefact_path()))
-    features = _extract(base_model_dir(), prompts, batch_size=4, device="cpu")
-    logits = features.astype(np.float64) @ parts["output_rows"].astype(np.float64).T
-    head = spec(default_model)  # the layer as the built model names it to vLLM
+    head = spec(default_model)  # the layers as the built model names them to vLLM
     assert (head is None) == ("middle_rows" not in parts)
-    if head is not None:
-        middle = _extract(base_model_dir(), prompts, batch_size=4, device="cpu", layer=head["layer"])
-        logits += middle.astype(np.float64) @ parts["middle_rows"].astype(np.float64).T
+    layers = [None, *(head["layers"] if head else [])]
+    final, *middle = _extract(base_model_dir(), prompts, batch_size=4, device="cpu", layers=layers)
+    logits = final.astype(np.float64) @ parts["output_rows"].astype(np.float64).T
+    if middle:  # the layers' inputs side by side, in the order of the head's columns
+        both = np.concatenate(middle, axis=1).astype(np.float64)
+        logits += both @ parts["middle_rows"].astype(np.float64).T
     offline = np.exp(logits - logits.max(axis=1, keepdims=True))
     offline /= offline.sum(axis=1, keepdims=True)
     for prompt, want in zip(prompts, offline, strict=True):

@@ -5,14 +5,15 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import torch
-from refusal_plugins.registry import ARCHITECTURE, HEAD_FILE, HEAD_WEIGHT
+from refusal_plugins.registry import ARCHITECTURE, HEAD_FILE, HEAD_WEIGHT, head_spec
 from refusal_training.features import _extract
 from refusal_training.middle_head import attach, spec
 from safetensors.torch import save_file
 
 
-def tiny_llama(tmp_path, layer: int | None):
+def tiny_llama(tmp_path, layer: int | list[int] | None):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -26,11 +27,13 @@ def tiny_llama(tmp_path, layer: int | None):
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="w0")
     fast.chat_template = "{% for m in messages %}w1 {{ m['content'] }} w2{% endfor %} w3"
     fast.save_pretrained(tmp_path)
-    weight = torch.randn(3, 32)
+    width = len(layer) if isinstance(layer, list) else 1
+    weight = torch.randn(3, 32 * width)
     if layer is not None:
         data = json.loads((tmp_path / "config.json").read_text())
         data["architectures"] = [ARCHITECTURE]
-        data["refusal_head"] = {"layer": layer, "token_ids": [61, 62, 63]}
+        key = "layers" if isinstance(layer, list) else "layer"  # "layer": models built before
+        data["refusal_head"] = {key: layer, "token_ids": [61, 62, 63]}
         (tmp_path / "config.json").write_text(json.dumps(data))
         save_file({HEAD_WEIGHT: weight}, str(tmp_path / HEAD_FILE))
     return model, weight
@@ -39,7 +42,7 @@ def tiny_llama(tmp_path, layer: int | None):
 def test_attach_adds_the_layer_input_times_the_rows_to_the_control_logits(tmp_path):
     model, weight = tiny_llama(tmp_path, layer=2)
     head = attach(model, tmp_path)
-    assert head is not None and spec(tmp_path)["layer"] == 2
+    assert head is not None and spec(tmp_path) == {"layers": [2], "token_ids": [61, 62, 63]}
     ids = torch.tensor([[1, 5, 9, 2, 3]])
     with torch.inference_mode():
         out = model(input_ids=ids, output_hidden_states=True)
@@ -49,6 +52,48 @@ def test_attach_adds_the_layer_input_times_the_rows_to_the_control_logits(tmp_pa
     want[:, [61, 62, 63]] += out.hidden_states[2][:, -1] @ weight.T
     torch.testing.assert_close(adjusted, want)
     assert torch.equal(adjusted[:, :61], plain[:, :61])  # the vocabulary is untouched
+
+
+def test_a_head_on_several_layers_reads_their_inputs_side_by_side(tmp_path):
+    model, weight = tiny_llama(tmp_path, layer=[1, 3])
+    head = attach(model, tmp_path)
+    assert head is not None and spec(tmp_path)["layers"] == [1, 3]
+    ids = torch.tensor([[1, 5, 9, 2, 3], [1, 7, 7, 2, 3]])
+    with torch.inference_mode():
+        out = model(input_ids=ids, output_hidden_states=True)
+        plain = out.logits[:, -1].clone()
+        adjusted = head.add_to(out.logits[:, -1].clone())
+    both = torch.cat([out.hidden_states[1][:, -1], out.hidden_states[3][:, -1]], dim=-1)
+    want = plain.clone()
+    want[:, [61, 62, 63]] += both @ weight.T  # columns in the order of the layers
+    torch.testing.assert_close(adjusted, want)
+
+
+@pytest.mark.parametrize(
+    "head, error",
+    [
+        ({"layers": [3, 1], "token_ids": [61]}, "must ascend"),
+        ({"layers": [2, 2], "token_ids": [61]}, "must ascend"),
+        ({"layers": [0], "token_ids": [61]}, "within 1..3"),
+        ({"layers": [4], "token_ids": [61]}, "within 1..3"),
+        ({"layers": [], "token_ids": [61]}, "non-empty list"),
+        ({"layers": [1.0], "token_ids": [61]}, "non-empty list"),
+        ({"layers": [True], "token_ids": [61]}, "non-empty list"),
+        ({"layers": "2", "token_ids": [61]}, "non-empty list"),
+        ({"layer": 2, "layers": [2], "token_ids": [61]}, "needs config.refusal_head"),
+        ({"token_ids": [61]}, "needs config.refusal_head"),
+        ({"layers": [2]}, "needs config.refusal_head"),
+        ({"layers": [2], "token_ids": [61, 61]}, "distinct ids"),
+        ({"layers": [2], "token_ids": [64]}, "distinct ids"),
+        ({"layers": [2], "token_ids": [-1]}, "distinct ids"),
+        ({"layers": [2], "token_ids": []}, "distinct ids"),
+        ([2], "needs config.refusal_head"),
+    ],
+)
+def test_a_malformed_head_is_refused_as_vllm_refuses_it(head, error):
+    """One check (refusal_plugins.registry.head_spec) for vLLM's class and the offline tools."""
+    with pytest.raises(ValueError, match=error):
+        head_spec(head, num_layers=4, vocab_size=64)
 
 
 def test_a_model_without_a_middle_head_is_left_alone(tmp_path):
@@ -67,10 +112,63 @@ def test_features_of_a_middle_layer_are_its_input_at_the_decision_position(tmp_p
         np.testing.assert_allclose(row, hidden.numpy(), atol=1e-4)
 
 
-def test_only_a_middle_layer_can_be_read(tmp_path):
-    import pytest
+def test_several_layers_and_the_final_state_come_from_one_pass(tmp_path):
+    model, _ = tiny_llama(tmp_path, layer=None)
+    prompts = ["w5 w6", "w7 w8 w9 w10"]
+    final, second, third = _extract(tmp_path, prompts, batch_size=2, device="cpu", layers=[None, 2, 3])
+    for i, prompt in enumerate(prompts):
+        ids = torch.tensor([[1, *[int(w[1:]) for w in prompt.split()], 2, 3]])
+        with torch.inference_mode():
+            out = model(input_ids=ids, output_hidden_states=True)
+        np.testing.assert_allclose(final[i], out.hidden_states[-1][0, -1].numpy(), atol=1e-4)
+        np.testing.assert_allclose(second[i], out.hidden_states[2][0, -1].numpy(), atol=1e-4)
+        np.testing.assert_allclose(third[i], out.hidden_states[3][0, -1].numpy(), atol=1e-4)
 
+
+def test_cached_layers_are_not_extracted_again(tmp_path, monkeypatch):
+    from refusal_training import features
+
+    tiny_llama(tmp_path / "model", layer=None)
+    calls = []
+    real = features._extract
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs.get("layers"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(features, "_extract", counting)
+    cache = tmp_path / "cache"
+    first = features.decision_features_at(tmp_path / "model", ["w5", "w6 w7"], cache, [None, 2], 2)
+    assert calls == [[None, 2]]  # both layers in one pass
+    again = features.decision_features_at(tmp_path / "model", ["w6 w7", "w8"], cache, [2, None, 3], 2)
+    assert calls[1] == [2, None, 3] and len(calls) == 2  # "w8" lacks every layer; 3 is new
+    np.testing.assert_array_equal(again[1][0], first[0][1])  # cached rows come back unchanged
+    features.decision_features_at(tmp_path / "model", ["w8", "w5"], cache, [3], 2)
+    assert calls[2] == [3]  # "w5" lacked layer 3 only
+
+
+def test_only_a_middle_layer_can_be_read(tmp_path):
     tiny_llama(tmp_path, layer=None)
     for layer in (0, 4, -1):  # the embeddings, past the last layer, Python's negative index
         with pytest.raises(ValueError, match="not a middle layer"):
             _extract(tmp_path, ["w5"], batch_size=1, device="cpu", layer=layer)
+
+
+def test_the_recipe_takes_ascending_middle_layers_or_none():
+    import argparse
+
+    from refusal_training.head_recipe import _layers
+
+    assert _layers("12,16,20") == [12, 16, 20] and _layers("16") == [16] and _layers("0") == []
+    for bad in ("16,12", "16,16", "0,16", "-1", ""):
+        with pytest.raises(argparse.ArgumentTypeError):
+            _layers(bad)
+
+
+def test_the_build_reads_the_layers_of_old_and_new_artefacts():
+    from refusal_training.smollm2_model import middle_layers
+
+    assert middle_layers({"middle_layers": "12,16,20"}) == [12, 16, 20]
+    assert middle_layers({"middle_layer": "16"}) == [16]  # artefacts of one layer
+    with pytest.raises(ValueError, match="names no middle layer"):
+        middle_layers({})

@@ -85,37 +85,54 @@ def prompt_ids(tokenizer, prompt: str) -> list[int]:
     return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
 
-def _middle(model, layer: int):
-    """A callable running ``model`` up to ``layer`` and returning that layer's input."""
+def _capture(model, layers: Sequence[int | None]):
+    """A callable running ``model`` once and returning, per entry of ``layers``, the
+    input of that decoder layer, or the final state (after the last norm) for None.
+
+    Without the final state the pass stops at the highest layer asked for: nothing
+    above it is needed."""
     from .middle_head import LayerInput, Reached
 
-    captured = LayerInput(model, layer, stop=True)
+    middle = sorted({layer for layer in layers if layer is not None})
+    final = None in layers
+    captured = {layer: LayerInput(model, layer, stop=not final and layer == middle[-1])
+                for layer in middle}  # fmt: skip
 
     def run(**inputs):
+        out = {}
         try:
-            model.model(**inputs)
+            out[None] = model.model(**inputs).last_hidden_state
         except Reached:
             pass
-        return captured.value
+        return [out[layer] if layer is None else captured[layer].value for layer in layers]
 
     return run
 
 
 def _extract(
-    model_dir: Path, prompts: Sequence[str], batch_size: int, device: str, layer: int | None = None
-) -> np.ndarray:
+    model_dir: Path,
+    prompts: Sequence[str],
+    batch_size: int,
+    device: str,
+    layer: int | None = None,
+    *,
+    layers: Sequence[int | None] | None = None,
+) -> np.ndarray | list[np.ndarray]:
+    """The decision-position vectors of ``prompts``: of ``layer`` (None: the final
+    state) as one array, or of each of ``layers`` as a list, all from one pass."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    wanted = [layer] if layers is None else list(layers)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     tokenizer.padding_side = "left"
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
+    capture = _capture(model, wanted)
     ids = [prompt_ids(tokenizer, p) for p in prompts]
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # little padding per batch
-    out = np.zeros((len(ids), model.config.hidden_size), dtype=np.float32)
+    out = [np.zeros((len(ids), model.config.hidden_size), dtype=np.float32) for _ in wanted]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     started, done = time.monotonic(), 0
-    middle = None if layer is None else _middle(model, layer)
     with torch.inference_mode():
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
@@ -126,15 +143,12 @@ def _extract(
                 batch[row, width - len(ids[i]) :] = torch.tensor(ids[i])
                 mask[row, width - len(ids[i]) :] = 1
             inputs = {"input_ids": batch.to(device), "attention_mask": mask.to(device)}
-            if middle is None:
-                hidden = model.model(**inputs).last_hidden_state
-            else:
-                hidden = middle(**inputs)
-            out[chunk] = hidden[:, -1].float().cpu().numpy()
+            for target, hidden in zip(out, capture(**inputs), strict=True):
+                target[chunk] = hidden[:, -1].float().cpu().numpy()
             done += len(chunk)
             if done % (batch_size * 20) < batch_size:
                 logger.info("features: %d/%d prompts (%.0fs)", done, len(ids), time.monotonic() - started)
-    return out
+    return out[0] if layers is None else out
 
 
 def decision_features(
@@ -147,13 +161,36 @@ def decision_features(
 ) -> np.ndarray:
     """[N, hidden] hidden states at the decision position, cached per prompt: the final
     ones (after the last norm) by default, or the input of decoder layer ``layer``."""
-    cache = FeatureCache(cache_root, model_dir, layer)
-    missing, rows = cache.get(prompts)
-    if rows is not None:
-        return rows
-    todo = list(dict.fromkeys(prompts[i] for i in missing))
-    logger.info("extracting decision features of %d prompts on %s", len(todo), device)
-    cache.add(todo, _extract(model_dir, todo, batch_size, device, layer))
-    _, rows = cache.get(prompts)
-    assert rows is not None
-    return rows
+    return decision_features_at(model_dir, prompts, cache_root, [layer], batch_size, device)[0]
+
+
+def decision_features_at(
+    model_dir: Path,
+    prompts: Sequence[str],
+    cache_root: Path,
+    layers: Sequence[int | None],
+    batch_size: int = 16,
+    device: str = "cpu",
+) -> list[np.ndarray]:
+    """:func:`decision_features` of each of ``layers``; whatever is not cached yet is
+    extracted for every layer that lacks it in one pass over the model."""
+    caches = {layer: FeatureCache(cache_root, model_dir, layer) for layer in dict.fromkeys(layers)}
+    todo: dict[str, None] = {}
+    lacking = []
+    for layer, cache in caches.items():
+        missing, _ = cache.get(prompts)
+        if missing:
+            lacking.append(layer)
+            todo.update(dict.fromkeys(prompts[i] for i in missing))
+    if todo:
+        logger.info("extracting decision features of %d prompts at layers %s on %s",
+                    len(todo), ["final" if x is None else x for x in lacking], device)  # fmt: skip
+        rows = _extract(model_dir, list(todo), batch_size, device, layers=lacking)
+        for layer, block in zip(lacking, rows, strict=True):
+            caches[layer].add(list(todo), block)
+    out = []
+    for layer in layers:
+        _, rows = caches[layer].get(prompts)
+        assert rows is not None
+        out.append(rows)
+    return out

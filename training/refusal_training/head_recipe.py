@@ -3,9 +3,10 @@
     python -m refusal_training.head_recipe --data-dir ../shared/data --out ./head-run
 
 1. decision features of every prompt of every source, from the frozen base
-   (:mod:`.features`, cached): the final hidden state and beside it the input
-   of a middle decoder layer (``--middle-layer``, 16 of 30 by default; ``0``
-   for the final state alone). With layer 16 the head separates harmful from
+   (:mod:`.features`, cached): the final hidden state and beside it the inputs
+   of middle decoder layers (``--middle-layers``, 16 of 30 by default; ``0``
+   for the final state alone; 12,16,20 ranks the same on all prompts and was
+   not shipped). With layer 16 the head separates harmful from
    benign prompts of unseen sources better (LOSO AUROC 0.77 against 0.74) and
    over-refuses fewer ordinary requests (12 % against 22 %); layer 16 alone
    scores 0.79 but takes short factual questions ("What is the capital of
@@ -39,7 +40,7 @@ import numpy as np
 from refusal_plugins.vocab import scheme_keys
 
 from .decision_head import Head, constant_direction, fit_head, fold, needed_offset
-from .features import decision_features
+from .features import decision_features_at
 from .paths import cache_root
 from .scoring import auroc
 from .soft_tokens import SoftTokenOptions, train_soft_tokens
@@ -148,13 +149,13 @@ def run(args: argparse.Namespace) -> dict:
                 for n, rows in data.items()}  # fmt: skip
     prompts = [r.prompt for rows in data.values() for r in rows]
     batch = 16 if args.device == "cpu" else 128
-    final = decision_features(base, prompts, cache_root(args.cache_dir), batch, args.device)
+    final, *middle = decision_features_at(base, prompts, cache_root(args.cache_dir),
+                                          [None, *args.middle_layers], batch, args.device)  # fmt: skip
     d = final.shape[1]
-    features, u = final, constant_direction(final)  # intercepts ride on the final state
-    if args.middle_layer:  # what the served model computes on: cat([final, middle])
-        middle = decision_features(base, prompts, cache_root(args.cache_dir), batch, args.device,
-                                   layer=args.middle_layer)  # fmt: skip
-        features, u = np.concatenate([final, middle], axis=1), np.concatenate([u, np.zeros(d)])
+    # What the served model computes on: cat([final, *middle]); the intercepts ride on
+    # the final state.
+    features = np.concatenate([final, *middle], axis=1)
+    u = np.concatenate([constant_direction(final), np.zeros(d * len(middle))])
     ds = Dataset(data, features, args.corpus_weight)
     lift = features @ u
     logger.info("u·h over all decision positions: mean %.3f, sd %.3f", lift.mean(), lift.std())
@@ -193,9 +194,9 @@ def run(args: argparse.Namespace) -> dict:
     # Output-projection rows over the final state; middle rows (refusal_plugins.model).
     tensors = {"output_rows": rows[:, :d].astype(np.float32), "input_rows": inputs}
     metadata = {}
-    if args.middle_layer:
+    if args.middle_layers:  # columns in layer order (refusal_plugins.model)
         tensors["middle_rows"] = rows[:, d:].astype(np.float32)
-        metadata["middle_layer"] = str(args.middle_layer)
+        metadata["middle_layers"] = ",".join(map(str, args.middle_layers))
     save_file(tensors, str(artefact), metadata=metadata)
     files = {s: hashlib.sha256((args.data_dir / src).read_bytes()).hexdigest()[:16]
              for s, src in _paths(data, args.data_dir).items()}  # fmt: skip
@@ -203,7 +204,7 @@ def run(args: argparse.Namespace) -> dict:
         "created_by": "python -m refusal_training.head_recipe",
         "options": {k: str(v) for k, v in vars(args).items()},
         "data_sha256": files,
-        "head": {"l2": args.l2, "offset": offset, "middle_layer": args.middle_layer or None,
+        "head": {"l2": args.l2, "offset": offset, "middle_layers": args.middle_layers,
                  "corpus_weight": args.corpus_weight, "u_dot_h_mean": float(lift.mean()),
                  "u_dot_h_sd": float(lift.std()), "trained_on": sorted(
                      {n for n in ds.names if trainable(n)}),
@@ -256,6 +257,16 @@ def report_markdown(info: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _layers(text: str) -> list[int]:
+    """``--middle-layers``: ascending distinct layer numbers; "0" for none."""
+    layers = [int(x) for x in text.split(",") if x.strip()]
+    if layers == [0]:
+        return []
+    if not layers or layers != sorted(set(layers)) or layers[0] < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: ascending distinct layers from 1, or 0 for none")
+    return layers
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m refusal_training.head_recipe",
                                      description=__doc__,
@@ -265,8 +276,9 @@ def main(argv=None) -> int:
     parser.add_argument("--cache-dir", type=Path)
     parser.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
     parser.add_argument("--l2", type=float, default=1e-3, help="L2 penalty of the head")
-    parser.add_argument("--middle-layer", type=int, default=16,
-                        help="also read the input of this decoder layer (0: the final state only)")
+    parser.add_argument("--middle-layers", type=_layers, default=[16],
+                        help="also read the inputs of these decoder layers, comma-separated "
+                             "(e.g. 12,16,20; 0: the final state only)")  # fmt: skip
     parser.add_argument("--corpus-weight", type=float, default=3.0,
                         help="weight of the project's corpus rows against the public sets' rows")
     parser.add_argument("--split-seed", type=int, default=0)

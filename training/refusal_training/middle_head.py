@@ -3,8 +3,8 @@
 vLLM serves it with :class:`refusal_plugins.model.RefusalLlamaForCausalLM`; the
 offline tools (``score``, ``calibrate``) load the same model with transformers,
 which knows nothing of it. :func:`attach` gives them the same control-token
-logits: it captures the input of the head's layer at the decision position and
-adds ``h @ W.T`` to the control tokens' logits, as the served model does.
+logits: it captures the inputs of the head's layers at the decision position
+and adds ``cat(h) @ W.T`` to the control tokens' logits, as the served model does.
 """
 
 from __future__ import annotations
@@ -12,15 +12,18 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from refusal_plugins.registry import ARCHITECTURE, HEAD_FILE, HEAD_WEIGHT
+from refusal_plugins.registry import ARCHITECTURE, HEAD_FILE, HEAD_WEIGHT, head_spec
 
 
 def spec(model_dir: Path) -> dict | None:
-    """``config.json``'s ``refusal_head`` (``{"layer", "token_ids"}``), or None without one."""
+    """``config.json``'s ``refusal_head``, checked as vLLM's class checks it, as
+    ``{"layers": [...], "token_ids": [...]}``; None for a model without one."""
     config = json.loads((model_dir / "config.json").read_text())
     if ARCHITECTURE not in config.get("architectures", []):
         return None
-    return config["refusal_head"]
+    layers, ids = head_spec(config.get("refusal_head"), config["num_hidden_layers"],
+                            config["vocab_size"])  # fmt: skip
+    return {"layers": layers, "token_ids": ids}
 
 
 class Reached(Exception):
@@ -49,19 +52,22 @@ class LayerInput:
 
 
 class MiddleHead:
-    """Captures the head's layer input on each forward pass; :meth:`add_to` applies the head."""
+    """Captures the head's layer inputs on each forward pass; :meth:`add_to` applies the head."""
 
     def __init__(self, model, model_dir: Path, head: dict):
         from safetensors.torch import load_file
 
         self.weight = load_file(str(model_dir / HEAD_FILE))[HEAD_WEIGHT].float()
         self.ids = list(head["token_ids"])
-        self._input = LayerInput(model, int(head["layer"]))
+        self._inputs = [LayerInput(model, layer) for layer in head["layers"]]
 
     def add_to(self, logits):
         """``logits`` [batch, vocab] at the last position of the last forward pass (edited);
         left-padded batches: the last position is every row's decision position."""
-        logits[:, self.ids] += self._input.value[:, -1].float() @ self.weight.T
+        import torch
+
+        middle = torch.cat([i.value[:, -1].float() for i in self._inputs], dim=-1)
+        logits[:, self.ids] += middle @ self.weight.T
         return logits
 
 

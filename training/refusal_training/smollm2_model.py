@@ -18,10 +18,10 @@ What the build changes in the base model, and nothing else:
   outrank every ordinary token and their softmax is the head's;
 * the control tokens' input embeddings are ``[respond]`` = newline and the
   trained refusal vectors (:mod:`.soft_tokens`);
-* when the head also reads a middle layer (the artefact's ``middle_rows``),
+* when the head also reads middle layers (the artefact's ``middle_rows``),
   ``config.json`` names :class:`refusal_plugins.model.RefusalLlamaForCausalLM`
-  and the layer, and ``refusal_head.safetensors`` holds those rows: vLLM adds
-  ``h_layer @ rows.T`` to the control logits; transformers ignores both
+  and the layers, and ``refusal_head.safetensors`` holds those rows: vLLM adds
+  ``cat(h_layers) @ rows.T`` to the control logits; transformers ignores both
   (offline tools apply them through :mod:`.middle_head`).
 
 The control rows are large at the decision position only by construction;
@@ -48,7 +48,7 @@ from .soft_tokens import newline_id
 
 logger = logging.getLogger(__name__)
 
-BUILD_VERSION = 2
+BUILD_VERSION = 3
 ARTEFACT = "smollm2_refusal.safetensors"
 ARTEFACT_INFO = "smollm2_refusal.json"
 SERVED_NAME = "refusal-smollm2"
@@ -98,7 +98,7 @@ def assemble(base: Path, artefact: Path, out: Path) -> Path:
     tokenizer.init_kwargs.pop("local_files_only", None)
     tokenizer.save_pretrained(tmp)
     if "middle_rows" in parts:
-        _add_middle_head(tmp, parts["middle_rows"], int(metadata["middle_layer"]), ids)
+        _add_middle_head(tmp, parts["middle_rows"], middle_layers(metadata), ids)
     end_id = turn_end_id(tokenizer)
     generation_config(base, tokenizer, end_id).save_pretrained(tmp)
     info_file = artefact.with_name(ARTEFACT_INFO)
@@ -117,7 +117,16 @@ def assemble(base: Path, artefact: Path, out: Path) -> Path:
     return out
 
 
-def _add_middle_head(model_dir: Path, rows, layer: int, ids: list[int]) -> None:
+def middle_layers(metadata: dict[str, str]) -> list[int]:
+    """The layers an artefact's ``middle_rows`` read, in column order: metadata
+    ``middle_layers`` ("12,16,20"), or ``middle_layer`` of one-layer artefacts."""
+    raw = metadata.get("middle_layers", metadata.get("middle_layer"))
+    if raw is None:
+        raise ValueError("the artefact has middle_rows but names no middle layer")
+    return [int(x) for x in raw.split(",")]
+
+
+def _add_middle_head(model_dir: Path, rows, layers: list[int], ids: list[int]) -> None:
     """Name the serving class and write its rows (``refusal_plugins.model``)."""
     from refusal_plugins.registry import ARCHITECTURE, HEAD_FILE, HEAD_WEIGHT
     from safetensors.torch import save_file
@@ -125,7 +134,7 @@ def _add_middle_head(model_dir: Path, rows, layer: int, ids: list[int]) -> None:
     config_file = model_dir / "config.json"
     config = json.loads(config_file.read_text())
     config["architectures"] = [ARCHITECTURE]
-    config["refusal_head"] = {"layer": layer, "token_ids": ids}
+    config["refusal_head"] = {"layers": layers, "token_ids": ids}
     config_file.write_text(json.dumps(config, indent=2) + "\n")
     save_file({HEAD_WEIGHT: rows.contiguous().float()}, str(model_dir / HEAD_FILE))
 
