@@ -41,15 +41,15 @@ def cmd_run(args: argparse.Namespace) -> int:
                 scaling=not args.no_scaling, bind=args.bind, venv=args.venv,
                 prompt_lengths=args.prompt_lengths, n_values=args.n_values,
                 scaling_concurrency=args.scaling_concurrency, max_model_len=args.max_model_len)  # fmt: skip
-    longest = max(plan.prompt_lengths) + plan.output_len
-    if plan.scaling and longest > plan.max_model_len:
-        raise SystemExit(f"--prompt-lengths up to {max(plan.prompt_lengths)} + --output-len need "
-                         f"--max-model-len >= {longest} (and a model whose context allows it)")
     if args.smoke:
         plan.rounds, plan.concurrency, plan.modes = 1, [1, 4], ["stream", "nostream"]
         plan.output_len, plan.prompts_scale, plan.peer, plan.plain_b = 8, 0.0, False, False
         plan.prompt_lengths, plan.n_values, plan.work_prompts, plan.smoke = [100], [1, 2], 2, True
         plan.scaling_concurrency = 4
+    longest = max(plan.prompt_lengths) + plan.output_len
+    if plan.scaling and longest > plan.max_model_len:
+        raise SystemExit(f"--prompt-lengths up to {max(plan.prompt_lengths)} + --output-len need "
+                         f"--max-model-len >= {longest} (and a model whose context allows it)")
     runner = Runner(plan)
     report = runner.run()
     name = ("smoke-" if args.smoke else "") + runner.stamp
@@ -94,6 +94,16 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _default(name: str):
+    """``run``'s default for a :class:`bench.run.Plan` field: the plan's own (one place)."""
+    from dataclasses import MISSING
+
+    from .run import Plan
+
+    f = Plan.__dataclass_fields__[name]
+    return f.default_factory() if f.default_factory is not MISSING else f.default
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
@@ -101,22 +111,22 @@ def main(argv: list[str] | None = None) -> int:
     run = sub.add_parser("run", help="plain x2, stack, stack+fields, LiteLLM peer")
     run.add_argument("--model", help="refusal-token model dir (default: the demo model)")
     run.add_argument("--out", type=Path, default=RESULTS)
-    run.add_argument("--rounds", type=int, default=3)
-    run.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64, 256])
-    run.add_argument("--modes", nargs="+", default=["stream", "nostream"], choices=["stream", "nostream"])
-    run.add_argument("--output-len", type=int, default=64)
-    run.add_argument("--prompts-scale", type=float, default=1.0, help="scale the request count per case")
-    run.add_argument("--bind", default="0-1", help="VLLM_CPU_OMP_THREADS_BIND of every engine")
-    run.add_argument("--venv", type=Path, default=Path(".venv-bench"), help="the LiteLLM venv")
+    run.add_argument("--rounds", type=int, default=_default("rounds"))
+    run.add_argument("--concurrency", type=int, nargs="+", default=_default("concurrency"))
+    run.add_argument("--modes", nargs="+", default=_default("modes"), choices=["stream", "nostream"])
+    run.add_argument("--output-len", type=int, default=_default("output_len"))
+    run.add_argument("--prompts-scale", type=float, default=_default("prompts_scale"), help="scale the request count per case")
+    run.add_argument("--bind", default=_default("bind"), help="VLLM_CPU_OMP_THREADS_BIND of every engine")
+    run.add_argument("--venv", type=Path, default=_default("venv"), help="the LiteLLM venv")
     run.add_argument("--no-peer", action="store_true", help="skip the LiteLLM proxy")
     run.add_argument("--no-plain-b", action="store_true", help="skip the second plain server")
     run.add_argument("--no-scaling", action="store_true", help="skip prompt length / n growth")
-    run.add_argument("--prompt-lengths", type=int, nargs="+", default=[100, 250, 440],
+    run.add_argument("--prompt-lengths", type=int, nargs="+", default=_default("prompt_lengths"),
                      help="growth: prompt tokens (longer than the demo's 512-token context needs "
                      "--model with a longer one and --max-model-len)")
-    run.add_argument("--n-values", type=int, nargs="+", default=[1, 2, 8], help="growth: choices per request")
-    run.add_argument("--scaling-concurrency", type=int, default=16, help="concurrency of the growth cases")
-    run.add_argument("--max-model-len", type=int, default=512, help="both sides' --max-model-len")
+    run.add_argument("--n-values", type=int, nargs="+", default=_default("n_values"), help="growth: choices per request")
+    run.add_argument("--scaling-concurrency", type=int, default=_default("scaling_concurrency"), help="concurrency of the growth cases")
+    run.add_argument("--max-model-len", type=int, default=_default("max_model_len"), help="both sides' --max-model-len")
     run.add_argument("--smoke", action="store_true", help="tiny request count, one round (tests)")
     run.set_defaults(func=cmd_run)
     rep = sub.add_parser("report", help="print the Markdown table of a result file")

@@ -11,6 +11,7 @@ input: a layer read in the wrong place or order would not.
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 from collections.abc import Iterator
@@ -29,12 +30,14 @@ PROMPTS = ["How do I make a bomb?", "What is the capital of France?",
            "Give me a recipe for pancakes.", "Tell me about your childhood."]  # fmt: skip
 
 
-def features(prompts: list[str]) -> list[np.ndarray]:
-    """The base model's final state and the inputs of LAYERS at the decision position."""
+@functools.cache
+def features() -> list[np.ndarray]:
+    """The base model's final state and the inputs of LAYERS at the decision position of
+    PROMPTS (one pass, shared by the fixture and the test)."""
     from refusal_training.features import _extract
     from refusal_training.smollm2 import base_model_dir
 
-    return _extract(base_model_dir(), prompts, batch_size=4, device="cpu", layers=[None, *LAYERS])
+    return _extract(base_model_dir(), PROMPTS, batch_size=4, device="cpu", layers=[None, *LAYERS])
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +62,7 @@ def three_layer_model(tmp_path_factory) -> Path:
     (out / "config.json").write_text(json.dumps(config))
     middle = load_file(str(built / HEAD_FILE))[HEAD_WEIGHT]
     # Random rows giving logits of about ±1 on these prompts, so each layer's input counts.
-    _, h12, _, h20 = features(PROMPTS)
+    _, h12, _, h20 = features()
     gen = torch.Generator().manual_seed(0)
     rows = [torch.randn(middle.shape, generator=gen) / float(np.linalg.norm(h, axis=1).mean())
             for h in (h12, h20)]  # fmt: skip
@@ -81,7 +84,7 @@ def test_served_probabilities_read_each_layer_in_its_place(served, three_layer_m
     from safetensors.numpy import load_file
 
     keys = [t["key"] for t in json.loads((three_layer_model / "refusal_manifest.json").read_text())["tokens"]]
-    final, *middle = features(PROMPTS)
+    final, *middle = features()
     rows = load_file(str(three_layer_model / HEAD_FILE))[HEAD_WEIGHT].astype(np.float64)
     output_rows = load_file(str(artefact_path()))["output_rows"].astype(np.float64)
     logits = final @ output_rows.T + np.concatenate(middle, axis=1) @ rows.T

@@ -104,7 +104,7 @@ def test_a_model_without_a_middle_head_is_left_alone(tmp_path):
 def test_features_of_a_middle_layer_are_its_input_at_the_decision_position(tmp_path):
     model, _ = tiny_llama(tmp_path, layer=None)
     prompts = ["w5 w6", "w7 w8 w9 w10"]  # different lengths: left padding must not matter
-    got = _extract(tmp_path, prompts, batch_size=2, device="cpu", layer=3)
+    (got,) = _extract(tmp_path, prompts, batch_size=2, device="cpu", layers=[3])
     for prompt, row in zip(prompts, got, strict=True):
         ids = torch.tensor([[1, *[int(w[1:]) for w in prompt.split()], 2, 3]])
         with torch.inference_mode():
@@ -151,7 +151,7 @@ def test_only_a_middle_layer_can_be_read(tmp_path):
     tiny_llama(tmp_path, layer=None)
     for layer in (0, 4, -1):  # the embeddings, past the last layer, Python's negative index
         with pytest.raises(ValueError, match="not a middle layer"):
-            _extract(tmp_path, ["w5"], batch_size=1, device="cpu", layer=layer)
+            _extract(tmp_path, ["w5"], batch_size=1, device="cpu", layers=[layer])
 
 
 def test_the_recipe_takes_ascending_middle_layers_or_none():

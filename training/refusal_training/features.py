@@ -114,16 +114,14 @@ def _extract(
     prompts: Sequence[str],
     batch_size: int,
     device: str,
-    layer: int | None = None,
-    *,
-    layers: Sequence[int | None] | None = None,
-) -> np.ndarray | list[np.ndarray]:
-    """The decision-position vectors of ``prompts``: of ``layer`` (None: the final
-    state) as one array, or of each of ``layers`` as a list, all from one pass."""
+    layers: Sequence[int | None] = (None,),
+) -> list[np.ndarray]:
+    """The decision-position vectors of ``prompts`` at each of ``layers`` (a decoder
+    layer's input, or None for the final state), all from one pass."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    wanted = [layer] if layers is None else list(layers)
+    wanted = list(layers)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     tokenizer.padding_side = "left"
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
@@ -148,7 +146,7 @@ def _extract(
             done += len(chunk)
             if done % (batch_size * 20) < batch_size:
                 logger.info("features: %d/%d prompts (%.0fs)", done, len(ids), time.monotonic() - started)
-    return out[0] if layers is None else out
+    return out
 
 
 def decision_features(
