@@ -5,6 +5,7 @@
     python -m bench step [--batches 1 32 256]         # the processor's cost per engine step
     python -m bench explain                           # why an outside run found the stack "faster"
     python -m bench layer [--tokens 16] [--profile]   # the layer's own CPU per request, in-process
+    python -m bench detok [--model DIR]               # why plain's API server costs more on long prompts
 
 ``run`` writes ``bench/results/<UTC stamp>.json`` (every round of every case,
 the same-work check, the machine, the load average) and ``.md`` (the table the
@@ -21,6 +22,12 @@ import sys
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
+#: Subcommands that are modules with their own options.
+DELEGATED = {
+    "step": ("bench.step_overhead", "processor cost per engine step"),
+    "explain": ("bench.explain", "the 'stack faster than plain' anomaly"),
+    "detok": ("bench.detok", "plain vLLM's API-server CPU on long prompts"),
+}
 
 
 def _model(path: str | None) -> str:
@@ -144,15 +151,11 @@ def main(argv: list[str] | None = None) -> int:
     layer.add_argument("--n", type=int, nargs="*", default=[8], help="growth: choices per request")
     layer.add_argument("--out", type=Path, default=None, help="write layer-<stamp>.json/.md here")
     layer.set_defaults(func=cmd_layer)
-    step = sub.add_parser("step", help="bench.step_overhead (processor cost per engine step)")
-    step.set_defaults(func=lambda a: _delegate("bench.step_overhead", a.rest))
-    step.add_argument("rest", nargs=argparse.REMAINDER)
-    explain = sub.add_parser("explain", help="bench.explain (the 'stack faster than plain' anomaly)")
-    explain.set_defaults(func=lambda a: _delegate("bench.explain", a.rest))
-    explain.add_argument("rest", nargs=argparse.REMAINDER)
+    for name, (module, text) in DELEGATED.items():  # listed in --help; parsed by the module
+        sub.add_parser(name, help=f"{module} ({text})").add_argument("rest", nargs=argparse.REMAINDER)
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in ("step", "explain"):  # their own options, passed on untouched
-        return _delegate(f"bench.{'step_overhead' if argv[0] == 'step' else 'explain'}", argv[1:])
+    if argv and argv[0] in DELEGATED:  # their own options, passed on untouched
+        return _delegate(DELEGATED[argv[0]][0], argv[1:])
     args = parser.parse_args(argv)
     return args.func(args)
 
