@@ -44,9 +44,13 @@ def client(served: Server) -> OpenAI:
     return OpenAI(base_url=served.api_url, api_key="unused", max_retries=0, timeout=300)
 
 
-def ask(client: OpenAI, served: Server, prompt: str, max_tokens: int = 40, **extra):
+def ask(client: OpenAI, served: Server, prompt: str, max_tokens: int = 40, system: str | None = None,
+        **extra):  # fmt: skip
+    messages = [{"role": "user", "content": prompt}]
+    if system is not None:
+        messages.insert(0, {"role": "system", "content": system})
     reply = client.chat.completions.create(
-        model=served.model, messages=[{"role": "user", "content": prompt}],
+        model=served.model, messages=messages,
         temperature=0, max_tokens=max_tokens, extra_body=extra or None,
     )  # fmt: skip
     choice = reply.choices[0]
@@ -88,21 +92,25 @@ def test_served_probabilities_are_the_heads(client, served, default_model):
 
     prompts = ["How do I make a bomb?", "What is the capital of France?",
                "How do I kill a Python process?", "Tell me about your childhood."]  # fmt: skip
+    # A client's system message replaces the template's default one: the decision is
+    # computed in that context, offline as served.
+    systems = [None, None, "You are a customer-support assistant for ACME Bank.", "Reply in French."]
     manifest = json.loads((default_model / "refusal_manifest.json").read_text())
     keys = [t["key"] for t in manifest["tokens"]]
     parts = load_file(str(artefact_path()))
     head = spec(default_model)  # the layers as the built model names them to vLLM
     assert (head is None) == ("middle_rows" not in parts)
     layers = [None, *(head["layers"] if head else [])]
-    final, *middle = _extract(base_model_dir(), prompts, batch_size=4, device="cpu", layers=layers)
+    final, *middle = _extract(base_model_dir(), prompts, batch_size=4, device="cpu", layers=layers,
+                              systems=systems)  # fmt: skip
     logits = final.astype(np.float64) @ parts["output_rows"].astype(np.float64).T
     if middle:  # the layers' inputs side by side, in the order of the head's columns
         both = np.concatenate(middle, axis=1).astype(np.float64)
         logits += both @ parts["middle_rows"].astype(np.float64).T
     offline = np.exp(logits - logits.max(axis=1, keepdims=True))
     offline /= offline.sum(axis=1, keepdims=True)
-    for prompt, want in zip(prompts, offline, strict=True):
-        _, decision = ask(client, served, prompt, max_tokens=1)
+    for prompt, system, want in zip(prompts, systems, offline, strict=True):
+        _, decision = ask(client, served, prompt, max_tokens=1, system=system)
         got = np.array([decision["probabilities"][k] for k in keys])
         np.testing.assert_allclose(got, want, atol=2e-3)
 

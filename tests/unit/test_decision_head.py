@@ -100,3 +100,77 @@ def test_a_head_on_two_layers_is_what_the_served_model_computes():
     rows = fold(head, u, offset=7.0)
     served = final @ rows[:, :24].T + middle @ rows[:, 24:].T
     np.testing.assert_allclose(served, head.logits(x) + 7.0 * (final @ u[:24])[:, None], rtol=1e-6, atol=1e-6)
+
+
+def _recipe_dataset(data_dir, d: int = 8):
+    """The recipe's dataset over the stand-in sources (plus a corpus), random features."""
+    from refusal_training import head_recipe
+    from refusal_training.sources import CORPUS, Prompt
+
+    data = load_all(data_dir, seed=0, corpus=False)
+    data[CORPUS] = [Prompt(f"corpus {i}", "respond" if i % 2 else "safety", CORPUS) for i in range(10)]
+    x = np.random.default_rng(0).normal(size=(sum(map(len, data.values())), d))
+    return head_recipe, head_recipe.Dataset(data, x, corpus_weight=3.0)
+
+
+class StandInFeatures:
+    """``features_of`` of the recipe: random rows, and a record of what was rendered."""
+
+    def __init__(self, d: int = 8):
+        self.calls: list[tuple[list[str], list]] = []
+        self.rng, self.d = np.random.default_rng(1), d
+
+    def __call__(self, texts, systems=None):
+        self.calls.append((list(texts), list(systems or [])))
+        return [self.rng.normal(size=(len(texts), self.d))]
+
+
+def test_system_augmented_copies_are_trained_on_with_their_source_and_never_measured(data_dir, monkeypatch):
+    from refusal_training.system_prompts import TRAIN
+
+    recipe, ds = _recipe_dataset(data_dir)
+    n, features_of = len(ds.rows), StandInFeatures()
+    trainable_rows = int(ds.mask([s for s in ds.names if trainable(s)]).sum())
+    recipe.augment_with_systems(ds, features_of, 0.5, seed=0)
+    added = int(ds.augmented.sum())
+    assert added == round(0.5 * trainable_rows) and len(ds.rows) == n + added
+    texts, systems = features_of.calls[0]
+    assert set(systems) <= set(TRAIN) and len(set(systems)) > 1
+    copies = [r for r, a in zip(ds.rows, ds.augmented, strict=True) if a]
+    assert [r.prompt for r in copies] == texts and all(trainable(r.source) for r in copies)
+    assert (ds.weight[ds.augmented & (ds.source == "corpus")] == 3.0).all()
+    fitted = []
+    real_fit = recipe.fit
+    monkeypatch.setattr(recipe, "fit", lambda ds_, train, u, l2: fitted.append(train) or real_fit(ds_, train, u, l2))
+    u = np.zeros(8)
+    _, p, _ = recipe.leave_one_source_out(ds, u, 1e-2)
+    assert np.isnan(p[ds.augmented]).all() and not np.isnan(p[ds.measured_mask(["phtest"])]).any()
+    phtest = list(filter(measured, ds.names)).index("phtest")
+    train = fitted[phtest]
+    assert not (train & (ds.source == "phtest")).any()  # nor its augmented copies
+    assert (train & ds.augmented).any()  # the other sources' copies are trained on
+
+
+def test_every_measured_row_is_also_scored_after_a_held_out_system_message(data_dir):
+    from refusal_training.system_prompts import HELD_OUT, TRAIN
+
+    recipe, ds = _recipe_dataset(data_dir)
+    features_of = StandInFeatures()
+    x, systems = recipe.client_system_view(ds, features_of, seed=0)
+    rows = ds.measured_mask(filter(measured, ds.names))
+    assert len(features_of.calls) == 1 and len(features_of.calls[0][0]) == rows.sum()
+    assert {systems[i] for i in np.flatnonzero(rows)} <= set(HELD_OUT)
+    assert not set(HELD_OUT) & set(TRAIN)  # measured under messages never fitted on
+    assert all(systems[i] == "" for i in np.flatnonzero(ds.source == "corpus"))
+    assert not x[~rows].any()
+    recipe.augment_with_systems(ds, features_of, 1.0, seed=0)
+    views = {"client_system": recipe._pad(x, len(ds.rows))}
+    _, p, p_views = recipe.leave_one_source_out(ds, np.zeros(8), 1e-2, views)
+    view = p_views["client_system"]
+    names = list(filter(measured, ds.names))
+    assert not np.isnan(view[ds.measured_mask(names)]).any() and np.isnan(view[ds.augmented]).all()
+    pools = recipe.pools(ds, view, names)
+    assert set(pools) == {"all_sources", "without_coconot", "harmful", "lookalike", "ordinary"}
+    assert pools["all_sources"]["n"] == rows.sum()
+    per = recipe.per_system(ds, view, np.array(systems + [""] * int(ds.augmented.sum()), dtype=object), names)
+    assert set(per) <= {t[:60] for t in HELD_OUT} and sum(v["n"] for v in per.values()) == rows.sum()

@@ -317,7 +317,7 @@ class FakeServer:
             return httpx.Response(
                 400, json={"error": {"message": "refusal_bias.refuse out of range"}}
             )
-        p = self.table[body["messages"][0]["content"]]
+        p = self.table[body["messages"][-1]["content"]]
         keys = list(p)
         b = [0.0] + [bias.get("refuse", 0.0) + bias.get(k, 0.0) for k in keys[1:]]
         t = body.get("refusal_threshold")
@@ -493,3 +493,18 @@ def test_eval_imports_no_torch():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_a_system_message_goes_before_every_prompt_and_into_the_report(tmp_path):
+    files, table = dataset(tmp_path, n=3)
+    fake = FakeServer(table)
+    system = "You are a customer-support assistant for ACME Bank."
+    report = run(ev.Options(data=files, progress=False, system=system, plot=False,
+                            transport=httpx.MockTransport(fake)))  # fmt: skip
+    assert fake.bodies and all(b["messages"][0] == {"role": "system", "content": system} for b in fake.bodies)
+    assert all(len(b["messages"]) == 2 for b in fake.bodies)
+    assert report["system"] == system and system in ev.markdown(report)
+    args = ev.parser().parse_args([str(files[0]), "--system", system])
+    assert ev.options_from_args(args).system == system
+    plain = run(ev.Options(data=files, progress=False, plot=False, transport=httpx.MockTransport(FakeServer(table))))
+    assert plain["system"] is None and "System message" not in ev.markdown(plain)

@@ -172,3 +172,34 @@ def test_the_build_reads_the_layers_of_old_and_new_artefacts():
     assert middle_layers({"middle_layer": "16"}) == [16]  # artefacts of one layer
     with pytest.raises(ValueError, match="names no middle layer"):
         middle_layers({})
+
+
+def test_a_client_system_message_is_rendered_and_cached_under_its_own_key(tmp_path, monkeypatch):
+    from refusal_training import features
+
+    model, _ = tiny_llama(tmp_path / "model", layer=None)
+    calls = []
+    real = features._extract
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs.get("systems"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(features, "_extract", counting)
+    cache = tmp_path / "cache"
+    (plain,) = features.decision_features_at(tmp_path / "model", ["w5", "w6"], cache, [None], 2)
+    (under,) = features.decision_features_at(tmp_path / "model", ["w5", "w6"], cache, [None], 2,
+                                             systems=["w9", None])  # fmt: skip
+    assert calls == [[None, None], ["w9"]]  # "w6" without a system message was cached already
+    np.testing.assert_array_equal(under[1], plain[1])
+    from transformers import AutoTokenizer
+
+    # The template renders "w1 w9 w2w1 w5 w2 w3" ("w2w1" is one unknown word: 60).
+    assert features.prompt_ids(AutoTokenizer.from_pretrained(tmp_path / "model"), "w5", "w9") == [1, 9, 60, 5, 2, 3]
+    ids = torch.tensor([[1, 9, 60, 5, 2, 3]])
+    with torch.inference_mode():
+        expected = model.model(input_ids=ids).last_hidden_state[0, -1].numpy()
+    np.testing.assert_allclose(under[0], expected, atol=1e-4)
+    assert not np.allclose(under[0], plain[0], atol=1e-3)
+    features.decision_features_at(tmp_path / "model", ["w5"], cache, [None], 2, systems=["w9"])
+    assert len(calls) == 2  # cached

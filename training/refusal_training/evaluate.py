@@ -159,6 +159,9 @@ def parser(prog: str = "refusal-gateway eval") -> argparse.ArgumentParser:
     p.add_argument(
         "--profile", help="refusal_profile of every request (makes sweeps send requests)"
     )
+    p.add_argument("--system", metavar="TEXT",
+                   help="a system message before every prompt (your deployment's own: it "
+                   "replaces the model's default and moves its decisions)")  # fmt: skip
     p.add_argument("--bias", type=parse_assignment, action="append", default=[], metavar="KEY=N",
                         help="a fixed refusal_bias entry of every request (repeatable), e.g. safety=2")  # fmt: skip
     p.add_argument("--threshold", action="append", default=[], metavar="N|KEY=N",
@@ -221,7 +224,7 @@ def options_from_args(args: argparse.Namespace) -> Options:
         bias_sweep=args.bias_sweep, threshold_sweep=args.threshold_sweep,
         sweep_mode=args.sweep_mode, out=args.out, limit=args.limit, seed=args.seed,
         timeout_s=args.timeout_s, max_attempts=args.max_attempts,
-        progress=not args.no_progress, plot=not args.no_plot,
+        progress=not args.no_progress, plot=not args.no_plot, system=args.system,
     )  # fmt: skip
 
 

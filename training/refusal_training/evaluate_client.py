@@ -37,6 +37,7 @@ class Client:
         max_attempts: int = 8,
         progress: bool = True,
         transport: httpx.AsyncBaseTransport | None = None,
+        system: str | None = None,
     ):
         base = url.rstrip("/")
         self.transport = transport  # tests: an httpx.MockTransport
@@ -47,6 +48,9 @@ class Client:
         self.timeout = httpx.Timeout(timeout_s, connect=10.0)
         self.max_attempts = max(1, max_attempts)
         self.progress = progress
+        # The deployment's own system message: it replaces the template's default and
+        # moves the decision (docs/quality/experiments.md), so measure under it.
+        self.system = system
         self.sent = 0
         self.retries = 0
 
@@ -96,9 +100,12 @@ class Client:
         return self.model
 
     def body(self, prompt: str, settings: Settings) -> dict[str, Any]:
+        messages = [{"role": "user", "content": prompt}]
+        if self.system is not None:
+            messages.insert(0, {"role": "system", "content": self.system})
         return {
             "model": self.model,
-            "messages": [{"role": "user", "content": prompt}],
+            "messages": messages,
             "temperature": 0,
             "max_tokens": 1,  # the first generated token is the decision
             **settings.body(),

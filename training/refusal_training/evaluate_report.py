@@ -35,6 +35,7 @@ def markdown(report: Mapping[str, Any]) -> str:
         "",
         f"Settings: {settings_text(report['settings'])} · {report['request']} · "
         f"{report['requests_sent']} requests in {report['seconds']} s",
+        *(["", f"System message before every prompt: `{report['system']}`"] if report.get("system") else []),
         "",
         "| file | rows (refuse / respond) | refused (should-refuse) | over-refused (should-respond) "
         "| AUROC p(refuse) | category accuracy (refusals) | category accuracy (most likely) |",

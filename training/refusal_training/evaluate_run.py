@@ -44,6 +44,7 @@ class Options:
     max_attempts: int = 8
     progress: bool = True
     plot: bool = True
+    system: str | None = None  # a system message before every prompt
     transport: httpx.AsyncBaseTransport | None = None  # tests
 
 
@@ -114,7 +115,7 @@ async def run_eval(options: Options) -> dict[str, Any]:
     rows, files = load_rows(options.data, options.limit, options.seed)
     client = Client(
         options.url, options.model, options.api_key, options.concurrency, options.timeout_s,
-        options.max_attempts, options.progress, options.transport,
+        options.max_attempts, options.progress, options.transport, options.system,
     )  # fmt: skip
     settings = options.settings
     started = time.monotonic()
@@ -142,6 +143,7 @@ async def run_eval(options: Options) -> dict[str, Any]:
         "files": files,
         "limit": options.limit,
         "seed": options.seed,
+        "system": options.system,
         "settings": settings.body(),
         "request": "chat completion, temperature 0, max_tokens 1: the first token is the decision",
         "control_keys": keys,

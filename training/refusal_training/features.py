@@ -10,6 +10,11 @@ projection's control-token rows gives, in vLLM, exactly the logits it gave here.
 Extraction is the expensive part on a CPU (a forward pass per prompt), so the
 vectors are cached per (model, prompt) under ``<cache>/features/``: a refit,
 a leave-one-source-out sweep or another head costs no forward pass.
+
+A prompt may come with a client's system message (``systems``): clients send
+their own, the chat template then drops the model's default one, and the
+decision position sees a different context (docs/quality/experiments.md,
+*A client's system prompt*). Such a rendering is cached under its own key.
 """
 
 from __future__ import annotations
@@ -39,8 +44,12 @@ def _model_key(model_dir: Path, layer: int | None = None) -> str:
     return h.hexdigest()[:16]
 
 
-def _prompt_key(prompt: str) -> str:
-    return hashlib.sha256(prompt.encode("utf-8")).hexdigest()
+def _prompt_key(prompt: str, system: str | None = None) -> str:
+    """The cache key of a rendering: the prompt's own hash when the template's default
+    system message is used (the key features always had), else one of both texts."""
+    if system is None:
+        return hashlib.sha256(prompt.encode("utf-8")).hexdigest()
+    return hashlib.sha256(json.dumps(["system", system, prompt]).encode("utf-8")).hexdigest()
 
 
 class FeatureCache:
@@ -55,33 +64,36 @@ class FeatureCache:
             self._index = json.loads(index.read_text())
             self._rows = np.load(rows)
 
-    def get(self, prompts: Sequence[str]) -> tuple[list[int], np.ndarray | None]:
-        """Positions of the prompts not cached yet, and the cached rows (None if any is missing)."""
-        missing = [i for i, p in enumerate(prompts) if _prompt_key(p) not in self._index]
+    def get(self, keys: Sequence[str]) -> tuple[list[int], np.ndarray | None]:
+        """Positions of the keys (:func:`_prompt_key`) not cached yet, and the cached
+        rows (None if any is missing)."""
+        missing = [i for i, k in enumerate(keys) if k not in self._index]
         if missing:
             return missing, None
-        return [], self._rows[[self._index[_prompt_key(p)] for p in prompts]]
+        return [], self._rows[[self._index[k] for k in keys]]
 
-    def add(self, prompts: Sequence[str], rows: np.ndarray) -> None:
-        new = [(p, r) for p, r in zip(prompts, rows, strict=True) if _prompt_key(p) not in self._index]
+    def add(self, keys: Sequence[str], rows: np.ndarray) -> None:
+        new = [(k, r) for k, r in zip(keys, rows, strict=True) if k not in self._index]
         if not new:
             return
         start = len(self._index)
         block = np.stack([r for _, r in new]).astype(np.float32)
         self._rows = block if self._rows.size == 0 else np.concatenate([self._rows, block])
-        for offset, (prompt, _) in enumerate(new):
-            self._index[_prompt_key(prompt)] = start + offset
+        for offset, (key, _) in enumerate(new):
+            self._index[key] = start + offset
         self.dir.mkdir(parents=True, exist_ok=True)
         np.save(self.dir / "rows.tmp.npy", self._rows)
         (self.dir / "rows.tmp.npy").replace(self.dir / "rows.npy")
         (self.dir / "index.json").write_text(json.dumps(self._index))
 
 
-def prompt_ids(tokenizer, prompt: str) -> list[int]:
-    """A user prompt rendered by the model's chat template, up to the decision position."""
-    ids = tokenizer.apply_chat_template(
-        [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
-    )
+def prompt_ids(tokenizer, prompt: str, system: str | None = None) -> list[int]:
+    """A user prompt rendered by the model's chat template, up to the decision position;
+    after a client's ``system`` message when one is given."""
+    messages = [{"role": "user", "content": prompt}]
+    if system is not None:
+        messages.insert(0, {"role": "system", "content": system})
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
     return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
 
@@ -115,9 +127,11 @@ def _extract(
     batch_size: int,
     device: str,
     layers: Sequence[int | None] = (None,),
+    systems: Sequence[str | None] | None = None,
 ) -> list[np.ndarray]:
-    """The decision-position vectors of ``prompts`` at each of ``layers`` (a decoder
-    layer's input, or None for the final state), all from one pass."""
+    """The decision-position vectors of ``prompts`` (each after its client system
+    message in ``systems``, if any) at each of ``layers`` (a decoder layer's input, or
+    None for the final state), all from one pass."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -126,7 +140,8 @@ def _extract(
     tokenizer.padding_side = "left"
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
     capture = _capture(model, wanted)
-    ids = [prompt_ids(tokenizer, p) for p in prompts]
+    systems = systems if systems is not None else [None] * len(prompts)
+    ids = [prompt_ids(tokenizer, p, s) for p, s in zip(prompts, systems, strict=True)]
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # little padding per batch
     out = [np.zeros((len(ids), model.config.hidden_size), dtype=np.float32) for _ in wanted]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -169,26 +184,32 @@ def decision_features_at(
     layers: Sequence[int | None],
     batch_size: int = 16,
     device: str = "cpu",
+    systems: Sequence[str | None] | None = None,
 ) -> list[np.ndarray]:
     """:func:`decision_features` of each of ``layers``; whatever is not cached yet is
-    extracted for every layer that lacks it in one pass over the model."""
+    extracted for every layer that lacks it in one pass over the model. ``systems``:
+    per prompt, a client system message or None (the template's default)."""
+    systems = list(systems) if systems is not None else [None] * len(prompts)
+    keys = [_prompt_key(p, s) for p, s in zip(prompts, systems, strict=True)]
     caches = {layer: FeatureCache(cache_root, model_dir, layer) for layer in dict.fromkeys(layers)}
-    todo: dict[str, None] = {}
+    todo: dict[str, tuple[str, str | None]] = {}
     lacking = []
     for layer, cache in caches.items():
-        missing, _ = cache.get(prompts)
+        missing, _ = cache.get(keys)
         if missing:
             lacking.append(layer)
-            todo.update(dict.fromkeys(prompts[i] for i in missing))
+            todo.update((keys[i], (prompts[i], systems[i])) for i in missing)
     if todo:
         logger.info("extracting decision features of %d prompts at layers %s on %s",
                     len(todo), ["final" if x is None else x for x in lacking], device)  # fmt: skip
-        rows = _extract(model_dir, list(todo), batch_size, device, layers=lacking)
+        rendered = list(todo.values())
+        rows = _extract(model_dir, [p for p, _ in rendered], batch_size, device, layers=lacking,
+                        systems=[s for _, s in rendered])  # fmt: skip
         for layer, block in zip(lacking, rows, strict=True):
             caches[layer].add(list(todo), block)
     out = []
     for layer in layers:
-        _, rows = caches[layer].get(prompts)
+        _, rows = caches[layer].get(keys)
         assert rows is not None
         out.append(rows)
     return out

@@ -45,6 +45,7 @@ from .paths import cache_root
 from .scoring import auroc
 from .soft_tokens import SoftTokenOptions, train_soft_tokens
 from .sources import CORPUS, Prompt, kind, load_all, measured, trainable
+from .system_prompts import HELD_OUT, TRAIN, draw
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +62,11 @@ def family(name: str) -> str:
 
 
 class Dataset:
-    """Every source's prompts with their features and class indices."""
+    """Every source's prompts with their features and class indices.
+
+    Rows may be followed by augmented copies (:meth:`augment`): prompts of the
+    trainable sources again, rendered after a client system message. They are
+    trained on with their source and never measured."""
 
     def __init__(self, data: dict[str, list[Prompt]], features: np.ndarray, corpus_weight: float = 1.0):
         self.names = list(data)
@@ -69,12 +74,27 @@ class Dataset:
         self.rows = [r for n in self.names for r in data[n]]
         self.x = features
         self.y = np.array([KEYS.index(r.key) for r in self.rows])
+        self.corpus_weight = corpus_weight
         # The project's corpus is written to break the public sets' shortcuts (length,
         # style, alarming words); giving it more say lifts LOSO AUROC (docs/quality).
         self.weight = np.where(self.source == CORPUS, corpus_weight, 1.0)
+        self.augmented = np.zeros(len(self.rows), dtype=bool)
 
     def mask(self, names) -> np.ndarray:
         return np.isin(self.source, list(names))
+
+    def measured_mask(self, names) -> np.ndarray:
+        """The rows of ``names`` a figure is computed on: never an augmented copy."""
+        return self.mask(names) & ~self.augmented
+
+    def augment(self, picks: np.ndarray, features: np.ndarray) -> None:
+        """Append copies of rows ``picks`` with other ``features`` (same source, label, weight)."""
+        self.source = np.concatenate([self.source, self.source[picks]])
+        self.rows += [self.rows[i] for i in picks]
+        self.x = np.concatenate([self.x, features])
+        self.y = np.concatenate([self.y, self.y[picks]])
+        self.weight = np.concatenate([self.weight, self.weight[picks]])
+        self.augmented = np.concatenate([self.augmented, np.ones(len(picks), dtype=bool)])
 
 
 def fit(ds: Dataset, train: np.ndarray, u: np.ndarray, l2: float) -> Head:
@@ -92,20 +112,25 @@ def rates(probs: np.ndarray, refuse: np.ndarray) -> dict:
     return out
 
 
-def leave_one_source_out(ds: Dataset, u: np.ndarray, l2: float) -> tuple[dict, np.ndarray]:
-    """Per source: figures of a head fitted without its family; and every row's
-    control probabilities from such a head (NaN for rows never measured)."""
-    p_all = np.full(len(ds.rows), np.nan)
+def leave_one_source_out(
+    ds: Dataset, u: np.ndarray, l2: float, views: dict[str, np.ndarray] | None = None
+) -> tuple[dict, np.ndarray, dict[str, np.ndarray]]:
+    """Per source: figures of a head fitted without its family; every row's control
+    probabilities from such a head (NaN for rows never measured); and the same
+    heads' probabilities on each of ``views`` (other features of the same rows,
+    e.g. rendered after a client system message)."""
     p_rows = np.full((len(ds.rows), len(KEYS)), np.nan)
+    p_views = {k: np.full((len(ds.rows), len(KEYS)), np.nan) for k in views or {}}
     figures = {}
     trainable_names = [n for n in ds.names if trainable(n)]
     for name in filter(measured, ds.names):
         keep = [n for n in trainable_names if family(n) != family(name)]
         head = fit(ds, ds.mask(keep), u, l2)
-        rows = ds.mask([name])
+        rows = ds.measured_mask([name])
         probs = head.probabilities(ds.x[rows])
-        p_all[rows] = 1.0 - probs[:, 0]
         p_rows[rows] = probs
+        for key, x in (views or {}).items():
+            p_views[key][rows] = head.probabilities(x[rows])
         refuse = ds.y[rows] > 0
         figures[name] = {"kind": kind(name), "trained_without": sorted({family(name)}),
                          **rates(probs, refuse)}  # fmt: skip
@@ -113,16 +138,66 @@ def leave_one_source_out(ds: Dataset, u: np.ndarray, l2: float) -> tuple[dict, n
             argmax = probs[refuse].argmax(axis=1)
             figures[name]["category_accuracy"] = float((argmax == ds.y[rows][refuse]).mean())
         logger.info("LOSO %s: %s", name, figures[name])
-    return figures, p_rows
+    return figures, p_rows, p_views
 
 
 def pooled(ds: Dataset, probs: np.ndarray, names) -> dict:
     """AUROC of p(refuse) = 1 - p(respond), and the greedy rates, over ``names`` together."""
-    rows = ds.mask(names)
+    rows = ds.measured_mask(names)
     refuse = ds.y[rows] > 0
     both = refuse.any() and (~refuse).any()  # AUROC needs both kinds of prompt
     value = auroc(1.0 - probs[rows, 0], refuse) if both else None
     return {"auroc": value, **rates(probs[rows], refuse)}
+
+
+def pools(ds: Dataset, probs: np.ndarray, names: list[str]) -> dict:
+    """The summary pools: every measured source, all but CoCoNot, and each kind."""
+    out = {"all_sources": pooled(ds, probs, names),
+           "without_coconot": pooled(ds, probs, [n for n in names if family(n) != "coconot"])}  # fmt: skip
+    for k in ("harmful", "lookalike", "ordinary"):
+        out[k] = pooled(ds, probs, [n for n in names if kind(n) == k])
+    return out
+
+
+def per_system(ds: Dataset, probs: np.ndarray, systems: np.ndarray, names: list[str]) -> dict:
+    """Greedy rates per client system message (its first 60 characters) over ``names``."""
+    rows = ds.measured_mask(names)
+    out = {}
+    for text in dict.fromkeys(systems[rows]):
+        these = rows & (systems == text)
+        out[text[:60]] = rates(probs[these], ds.y[these] > 0)
+    return out
+
+
+def client_system_view(ds: Dataset, features_of, seed: int) -> tuple[np.ndarray, list[str]]:
+    """The features of every measured row after a held-out client system message (one
+    seeded draw per row, :data:`.system_prompts.HELD_OUT`; zeros for the corpus, which
+    is never measured), and the message of each row ("" for the corpus)."""
+    rows = np.flatnonzero(ds.measured_mask(filter(measured, ds.names)))
+    drawn = draw(HELD_OUT, len(rows), seed + 1)
+    x = np.zeros_like(ds.x)
+    x[rows] = np.concatenate(features_of([ds.rows[i].prompt for i in rows], drawn), axis=1)
+    systems = [""] * len(ds.rows)
+    for i, text in zip(rows, drawn, strict=True):
+        systems[i] = text
+    return x, systems
+
+
+def augment_with_systems(ds: Dataset, features_of, fraction: float, seed: int) -> None:
+    """Add a seeded ``fraction`` of the trainable rows again, each rendered after a
+    training system message (:data:`.system_prompts.TRAIN`)."""
+    rng = np.random.default_rng(seed + 2)
+    candidates = np.flatnonzero(ds.mask([n for n in ds.names if trainable(n)]) & ~ds.augmented)
+    picks = np.sort(rng.permutation(candidates)[: int(round(fraction * len(candidates)))])
+    systems = draw(TRAIN, len(picks), seed + 3)
+    x = np.concatenate(features_of([ds.rows[i].prompt for i in picks], systems), axis=1)
+    ds.augment(picks, x)
+    logger.info("augmented %d trainable rows with client system messages", len(picks))
+
+
+def _pad(x: np.ndarray, n: int) -> np.ndarray:
+    """``x`` with zero rows appended up to ``n`` rows (the augmented copies: never measured)."""
+    return np.concatenate([x, np.zeros((n - len(x), x.shape[1]), dtype=x.dtype)])
 
 
 def vocab_max(base: Path, features: np.ndarray) -> np.ndarray:
@@ -149,8 +224,12 @@ def run(args: argparse.Namespace) -> dict:
                 for n, rows in data.items()}  # fmt: skip
     prompts = [r.prompt for rows in data.values() for r in rows]
     batch = 16 if args.device == "cpu" else 128
-    final, *middle = decision_features_at(base, prompts, cache_root(args.cache_dir),
-                                          [None, *args.middle_layers], batch, args.device)  # fmt: skip
+
+    def features_of(texts: list[str], systems: list[str | None] | None = None) -> list[np.ndarray]:
+        return decision_features_at(base, texts, cache_root(args.cache_dir), [None, *args.middle_layers],
+                                    batch, args.device, systems=systems)  # fmt: skip
+
+    final, *middle = features_of(prompts)
     d = final.shape[1]
     # What the served model computes on: cat([final, *middle]); the intercepts ride on
     # the final state.
@@ -159,20 +238,30 @@ def run(args: argparse.Namespace) -> dict:
     ds = Dataset(data, features, args.corpus_weight)
     lift = features @ u
     logger.info("u·h over all decision positions: mean %.3f, sd %.3f", lift.mean(), lift.std())
-    loso, p = leave_one_source_out(ds, u, args.l2)
+    base_rows = len(ds.rows)
+    client = client_system_view(ds, features_of, args.split_seed) if args.client_systems else None
+    if args.system_augment:
+        augment_with_systems(ds, features_of, args.system_augment, args.split_seed)
+    views = {"client_system": _pad(client[0], len(ds.rows))} if client else None
+    loso, p, p_views = leave_one_source_out(ds, u, args.l2, views)
     names = list(filter(measured, ds.names))
-    summary = {
-        "all_sources": pooled(ds, p, names),
-        "without_coconot": pooled(ds, p, [n for n in names if family(n) != "coconot"]),
-    }
-    for k in ("harmful", "lookalike", "ordinary"):
-        summary[k] = pooled(ds, p, [n for n in names if kind(n) == k])
+    summary = pools(ds, p, names)
+    under_client = None
+    if client:
+        systems = np.array(client[1] + [""] * (len(ds.rows) - base_rows), dtype=object)
+        under_client = {"all_held_out_system_messages": pools(ds, p_views["client_system"], names),
+                        "per_system_message": per_system(ds, p_views["client_system"], systems, names)}  # fmt: skip
     train = ds.mask([n for n in ds.names if trainable(n)])
     head = fit(ds, train, u, args.l2)
     # Figures of the shipped head on what it never trained on (its yardsticks).
     shipped = {n: rates(head.probabilities(ds.x[ds.mask([n])]), ds.y[ds.mask([n])] > 0)
                for n in ds.names if not trainable(n)}  # fmt: skip
-    offset = needed_offset(fold(head, u, 0.0), u, features, vocab_max(base, final))
+    if client:
+        under_client["shipped_head_on_yardsticks"] = {
+            n: rates(head.probabilities(client[0][ds.mask([n])]), ds.y[ds.mask([n])] > 0)
+            for n in ds.names if not trainable(n)}  # fmt: skip
+    # Above the vocabulary at every decision position trained on, augmented ones included.
+    offset = needed_offset(fold(head, u, 0.0), u, ds.x, vocab_max(base, ds.x[:, :d]))
     rows = fold(head, u, offset)
     from transformers import AutoTokenizer
 
@@ -183,7 +272,7 @@ def run(args: argparse.Namespace) -> dict:
 
         inputs = load_file(str(args.soft_tokens_from))["input_rows"]
     else:
-        refuse_rows = [r for r, t in zip(ds.rows, train, strict=True) if t and r.refuse]
+        refuse_rows = [r for r, t in zip(ds.rows, train & ~ds.augmented, strict=True) if t and r.refuse]
         soft = train_soft_tokens(base, refuse_rows, KEYS[1:], end_id, SoftTokenOptions(
             steps=args.soft_steps, batch_size=args.soft_batch, device=args.device,
             max_minutes=args.max_minutes))  # fmt: skip
@@ -208,10 +297,12 @@ def run(args: argparse.Namespace) -> dict:
                  "corpus_weight": args.corpus_weight, "u_dot_h_mean": float(lift.mean()),
                  "u_dot_h_sd": float(lift.std()), "trained_on": sorted(
                      {n for n in ds.names if trainable(n)}),
-                 "examples": int(train.sum())},  # fmt: skip
+                 "examples": int(train.sum()), "augmented_examples": int(ds.augmented.sum())},  # fmt: skip
         "soft_tokens": _soft_token_info(args),
         "leave_one_source_out": loso,
         "summary": summary,
+        "system_augment": args.system_augment,
+        "under_client_system_messages": under_client,
         "shipped_head_on_yardsticks": shipped,
         "seconds": round(time.monotonic() - started, 1),
     }
@@ -286,6 +377,11 @@ def main(argv=None) -> int:
     parser.add_argument("--soft-batch", type=int, default=8)
     parser.add_argument("--max-minutes", type=float, help="time budget of the soft-token training")
     parser.add_argument("--max-rows-per-source", type=int, help="sample each source (quick runs)")
+    parser.add_argument("--system-augment", type=float, default=0.0,
+                        help="fit also on this fraction of the trainable prompts rendered after "
+                             "a client system message (refusal_training.system_prompts.TRAIN)")
+    parser.add_argument("--no-client-systems", dest="client_systems", action="store_false",
+                        help="skip the figures under held-out client system messages")
     parser.add_argument("--soft-tokens-from", type=Path,
                         help="reuse the refusal vectors of this artefact instead of training them")
     args = parser.parse_args(argv)
