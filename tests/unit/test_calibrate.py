@@ -29,8 +29,11 @@ def random_scores(seed: int, n: int) -> cal.Scores:
     logits = rng.normal(size=(n, len(KEYS))) * rng.uniform(0.5, 4)
     if seed % 3 == 0:
         logits = np.round(logits)  # many exact ties
-    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True) * rng.uniform(0.1, 1)
+    # Reported probabilities sum to at most 1 (the rest is the vocabulary's): scaled to at
+    # most 0.99, the grid's rounding and the 1e-3 floor (≤ 0.009 over six tokens) keep it so.
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True) * rng.uniform(0.1, 0.99)
     probs = np.round(probs, 3) + 1e-3
+    assert (probs.sum(1) < 1.0).all()
     labels = ["refuse", "respond"] + [
         "refuse" if rng.random() < 0.5 else "respond" for _ in range(n - 2)
     ]

@@ -104,13 +104,13 @@ def test_a_head_on_two_layers_is_what_the_served_model_computes():
 
 def _recipe_dataset(data_dir, d: int = 8):
     """The recipe's dataset over the stand-in sources (plus a corpus), random features."""
-    from refusal_training import head_recipe
+    from refusal_training import head_loso
     from refusal_training.sources import CORPUS, Prompt
 
     data = load_all(data_dir, seed=0, corpus=False)
     data[CORPUS] = [Prompt(f"corpus {i}", "respond" if i % 2 else "safety", CORPUS) for i in range(10)]
     x = np.random.default_rng(0).normal(size=(sum(map(len, data.values())), d))
-    return head_recipe, head_recipe.Dataset(data, x, corpus_weight=3.0)
+    return head_loso, head_loso.Dataset(data, x, corpus_weight=3.0)
 
 
 class StandInFeatures:
@@ -139,6 +139,11 @@ def test_system_augmented_copies_are_trained_on_with_their_source_and_never_meas
     copies = [r for r, a in zip(ds.rows, ds.augmented, strict=True) if a]
     assert [r.prompt for r in copies] == texts and all(trainable(r.source) for r in copies)
     assert (ds.weight[ds.augmented & (ds.source == "corpus")] == 3.0).all()
+    more = _recipe_dataset(data_dir)[1]
+    originals = [r.prompt for r in more.rows if trainable(r.source)]
+    recipe.augment_with_systems(more, StandInFeatures(), 2.0, seed=0)
+    copies = [r.prompt for r, a in zip(more.rows, more.augmented, strict=True) if a]
+    assert sorted(copies) == sorted(2 * originals)  # every trainable row twice
     fitted = []
     real_fit = recipe.fit
     monkeypatch.setattr(recipe, "fit", lambda ds_, train, u, l2: fitted.append(train) or real_fit(ds_, train, u, l2))
@@ -164,7 +169,7 @@ def test_every_measured_row_is_also_scored_after_a_held_out_system_message(data_
     assert all(systems[i] == "" for i in np.flatnonzero(ds.source == "corpus"))
     assert not x[~rows].any()
     recipe.augment_with_systems(ds, features_of, 1.0, seed=0)
-    views = {"client_system": recipe._pad(x, len(ds.rows))}
+    views = {"client_system": recipe.pad(x, len(ds.rows))}
     _, p, p_views = recipe.leave_one_source_out(ds, np.zeros(8), 1e-2, views)
     view = p_views["client_system"]
     names = list(filter(measured, ds.names))
@@ -172,5 +177,9 @@ def test_every_measured_row_is_also_scored_after_a_held_out_system_message(data_
     pools = recipe.pools(ds, view, names)
     assert set(pools) == {"all_sources", "without_coconot", "harmful", "lookalike", "ordinary"}
     assert pools["all_sources"]["n"] == rows.sum()
+    head = recipe.fit(ds, ds.mask([n for n in ds.names if trainable(n)]), np.zeros(8), 1e-2)
+    on_view = recipe.yardsticks(ds, head, views["client_system"])
+    assert set(on_view) == {"coconot-heldout", "coconot-contrast", "self-instruct-user"}
+    assert on_view["coconot-heldout"]["n"] == ds.measured_mask(["coconot-heldout"]).sum()
     per = recipe.per_system(ds, view, np.array(systems + [""] * int(ds.augmented.sum()), dtype=object), names)
     assert set(per) <= {t[:60] for t in HELD_OUT} and sum(v["n"] for v in per.values()) == rows.sum()

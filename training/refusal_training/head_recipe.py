@@ -11,12 +11,20 @@
    over-refuses fewer ordinary requests (12 % against 22 %); layer 16 alone
    scores 0.79 but takes short factual questions ("What is the capital of
    France?") for false-premise ones (docs/quality/experiments.md). Served by
-   :mod:`refusal_plugins.model`;
+   :mod:`refusal_plugins.model`. Every trainable prompt is also read twice
+   more, each time after a client system message drawn from
+   :data:`.system_prompts.TRAIN` (``--system-augment 2``): a client's own system
+   message replaces the template's default one and moved the decisions of a
+   head fitted without them (a bank's support persona: 72 % → 50 % of harmful
+   prompts refused in LOSO); with the copies it moves less, and the head
+   generalises better across sources too (LOSO AUROC 0.77 → 0.80);
 2. **leave-one-source-out**: for each source, a head fitted without that
    source's whole family (all of CoCoNot, say, when CoCoNot is measured) and
    measured on it — refusal rate on should-refuse sources, over-refusal on
    benign ones, and one AUROC of p(refuse) over every prompt, each scored by
    a head that never saw its family: the figures that predict other traffic;
+   and the same heads on every measured prompt after a held-out client system
+   message (:data:`.system_prompts.HELD_OUT`, never trained on);
 3. the shipped head, fitted on every trainable source (never on CoCoNot's
    held-out half, its contrast set or self-instruct's user-oriented set,
    which stay yardsticks), and the offset that lifts it above the vocabulary;
@@ -37,167 +45,26 @@ from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
-from refusal_plugins.vocab import scheme_keys
 
-from .decision_head import Head, constant_direction, fit_head, fold, needed_offset
+from .decision_head import constant_direction, fold, needed_offset
 from .features import decision_features_at
+from .head_loso import (
+    KEYS,
+    Dataset,
+    augment_with_systems,
+    client_system_view,
+    fit,
+    leave_one_source_out,
+    pad,
+    per_system,
+    pools,
+    yardsticks,
+)
 from .paths import cache_root
-from .scoring import auroc
 from .soft_tokens import SoftTokenOptions, train_soft_tokens
-from .sources import CORPUS, Prompt, kind, load_all, measured, trainable
-from .system_prompts import HELD_OUT, TRAIN, draw
+from .sources import load_all, measured, trainable
 
 logger = logging.getLogger(__name__)
-
-KEYS = scheme_keys("categorical")  # respond first
-FAMILIES = {
-    "coconot": "coconot", "coconot-seed": "coconot", "coconot-pref": "coconot",
-    "coconot-contrast": "coconot", "coconot-heldout": "coconot",
-    "self-instruct-seed": "self-instruct", "self-instruct-user": "self-instruct",
-}  # fmt: skip
-
-
-def family(name: str) -> str:
-    return FAMILIES.get(name, name)
-
-
-class Dataset:
-    """Every source's prompts with their features and class indices.
-
-    Rows may be followed by augmented copies (:meth:`augment`): prompts of the
-    trainable sources again, rendered after a client system message. They are
-    trained on with their source and never measured."""
-
-    def __init__(self, data: dict[str, list[Prompt]], features: np.ndarray, corpus_weight: float = 1.0):
-        self.names = list(data)
-        self.source = np.array([n for n in self.names for _ in data[n]])
-        self.rows = [r for n in self.names for r in data[n]]
-        self.x = features
-        self.y = np.array([KEYS.index(r.key) for r in self.rows])
-        self.corpus_weight = corpus_weight
-        # The project's corpus is written to break the public sets' shortcuts (length,
-        # style, alarming words); giving it more say lifts LOSO AUROC (docs/quality).
-        self.weight = np.where(self.source == CORPUS, corpus_weight, 1.0)
-        self.augmented = np.zeros(len(self.rows), dtype=bool)
-
-    def mask(self, names) -> np.ndarray:
-        return np.isin(self.source, list(names))
-
-    def measured_mask(self, names) -> np.ndarray:
-        """The rows of ``names`` a figure is computed on: never an augmented copy."""
-        return self.mask(names) & ~self.augmented
-
-    def augment(self, picks: np.ndarray, features: np.ndarray) -> None:
-        """Append copies of rows ``picks`` with other ``features`` (same source, label, weight)."""
-        self.source = np.concatenate([self.source, self.source[picks]])
-        self.rows += [self.rows[i] for i in picks]
-        self.x = np.concatenate([self.x, features])
-        self.y = np.concatenate([self.y, self.y[picks]])
-        self.weight = np.concatenate([self.weight, self.weight[picks]])
-        self.augmented = np.concatenate([self.augmented, np.ones(len(picks), dtype=bool)])
-
-
-def fit(ds: Dataset, train: np.ndarray, u: np.ndarray, l2: float) -> Head:
-    return fit_head(ds.x[train], ds.y[train], len(KEYS), u, l2=l2, sample_weight=ds.weight[train])
-
-
-def rates(probs: np.ndarray, refuse: np.ndarray) -> dict:
-    """Refusal rates of the greedy decision (the most likely control token, as served)."""
-    decided = probs.argmax(axis=1) != 0
-    out = {"n": int(len(refuse))}
-    if refuse.any():
-        out["refused_harmful"] = float(decided[refuse].mean())
-    if (~refuse).any():
-        out["refused_benign"] = float(decided[~refuse].mean())
-    return out
-
-
-def leave_one_source_out(
-    ds: Dataset, u: np.ndarray, l2: float, views: dict[str, np.ndarray] | None = None
-) -> tuple[dict, np.ndarray, dict[str, np.ndarray]]:
-    """Per source: figures of a head fitted without its family; every row's control
-    probabilities from such a head (NaN for rows never measured); and the same
-    heads' probabilities on each of ``views`` (other features of the same rows,
-    e.g. rendered after a client system message)."""
-    p_rows = np.full((len(ds.rows), len(KEYS)), np.nan)
-    p_views = {k: np.full((len(ds.rows), len(KEYS)), np.nan) for k in views or {}}
-    figures = {}
-    trainable_names = [n for n in ds.names if trainable(n)]
-    for name in filter(measured, ds.names):
-        keep = [n for n in trainable_names if family(n) != family(name)]
-        head = fit(ds, ds.mask(keep), u, l2)
-        rows = ds.measured_mask([name])
-        probs = head.probabilities(ds.x[rows])
-        p_rows[rows] = probs
-        for key, x in (views or {}).items():
-            p_views[key][rows] = head.probabilities(x[rows])
-        refuse = ds.y[rows] > 0
-        figures[name] = {"kind": kind(name), "trained_without": sorted({family(name)}),
-                         **rates(probs, refuse)}  # fmt: skip
-        if refuse.any():
-            argmax = probs[refuse].argmax(axis=1)
-            figures[name]["category_accuracy"] = float((argmax == ds.y[rows][refuse]).mean())
-        logger.info("LOSO %s: %s", name, figures[name])
-    return figures, p_rows, p_views
-
-
-def pooled(ds: Dataset, probs: np.ndarray, names) -> dict:
-    """AUROC of p(refuse) = 1 - p(respond), and the greedy rates, over ``names`` together."""
-    rows = ds.measured_mask(names)
-    refuse = ds.y[rows] > 0
-    both = refuse.any() and (~refuse).any()  # AUROC needs both kinds of prompt
-    value = auroc(1.0 - probs[rows, 0], refuse) if both else None
-    return {"auroc": value, **rates(probs[rows], refuse)}
-
-
-def pools(ds: Dataset, probs: np.ndarray, names: list[str]) -> dict:
-    """The summary pools: every measured source, all but CoCoNot, and each kind."""
-    out = {"all_sources": pooled(ds, probs, names),
-           "without_coconot": pooled(ds, probs, [n for n in names if family(n) != "coconot"])}  # fmt: skip
-    for k in ("harmful", "lookalike", "ordinary"):
-        out[k] = pooled(ds, probs, [n for n in names if kind(n) == k])
-    return out
-
-
-def per_system(ds: Dataset, probs: np.ndarray, systems: np.ndarray, names: list[str]) -> dict:
-    """Greedy rates per client system message (its first 60 characters) over ``names``."""
-    rows = ds.measured_mask(names)
-    out = {}
-    for text in dict.fromkeys(systems[rows]):
-        these = rows & (systems == text)
-        out[text[:60]] = rates(probs[these], ds.y[these] > 0)
-    return out
-
-
-def client_system_view(ds: Dataset, features_of, seed: int) -> tuple[np.ndarray, list[str]]:
-    """The features of every measured row after a held-out client system message (one
-    seeded draw per row, :data:`.system_prompts.HELD_OUT`; zeros for the corpus, which
-    is never measured), and the message of each row ("" for the corpus)."""
-    rows = np.flatnonzero(ds.measured_mask(filter(measured, ds.names)))
-    drawn = draw(HELD_OUT, len(rows), seed + 1)
-    x = np.zeros_like(ds.x)
-    x[rows] = np.concatenate(features_of([ds.rows[i].prompt for i in rows], drawn), axis=1)
-    systems = [""] * len(ds.rows)
-    for i, text in zip(rows, drawn, strict=True):
-        systems[i] = text
-    return x, systems
-
-
-def augment_with_systems(ds: Dataset, features_of, fraction: float, seed: int) -> None:
-    """Add a seeded ``fraction`` of the trainable rows again, each rendered after a
-    training system message (:data:`.system_prompts.TRAIN`)."""
-    rng = np.random.default_rng(seed + 2)
-    candidates = np.flatnonzero(ds.mask([n for n in ds.names if trainable(n)]) & ~ds.augmented)
-    picks = np.sort(rng.permutation(candidates)[: int(round(fraction * len(candidates)))])
-    systems = draw(TRAIN, len(picks), seed + 3)
-    x = np.concatenate(features_of([ds.rows[i].prompt for i in picks], systems), axis=1)
-    ds.augment(picks, x)
-    logger.info("augmented %d trainable rows with client system messages", len(picks))
-
-
-def _pad(x: np.ndarray, n: int) -> np.ndarray:
-    """``x`` with zero rows appended up to ``n`` rows (the augmented copies: never measured)."""
-    return np.concatenate([x, np.zeros((n - len(x), x.shape[1]), dtype=x.dtype)])
 
 
 def vocab_max(base: Path, features: np.ndarray) -> np.ndarray:
@@ -242,7 +109,7 @@ def run(args: argparse.Namespace) -> dict:
     client = client_system_view(ds, features_of, args.split_seed) if args.client_systems else None
     if args.system_augment:
         augment_with_systems(ds, features_of, args.system_augment, args.split_seed)
-    views = {"client_system": _pad(client[0], len(ds.rows))} if client else None
+    views = {"client_system": pad(client[0], len(ds.rows))} if client else None
     loso, p, p_views = leave_one_source_out(ds, u, args.l2, views)
     names = list(filter(measured, ds.names))
     summary = pools(ds, p, names)
@@ -254,12 +121,9 @@ def run(args: argparse.Namespace) -> dict:
     train = ds.mask([n for n in ds.names if trainable(n)])
     head = fit(ds, train, u, args.l2)
     # Figures of the shipped head on what it never trained on (its yardsticks).
-    shipped = {n: rates(head.probabilities(ds.x[ds.mask([n])]), ds.y[ds.mask([n])] > 0)
-               for n in ds.names if not trainable(n)}  # fmt: skip
-    if client:
-        under_client["shipped_head_on_yardsticks"] = {
-            n: rates(head.probabilities(client[0][ds.mask([n])]), ds.y[ds.mask([n])] > 0)
-            for n in ds.names if not trainable(n)}  # fmt: skip
+    shipped = yardsticks(ds, head, ds.x)
+    if views:
+        under_client["shipped_head_on_yardsticks"] = yardsticks(ds, head, views["client_system"])
     # Above the vocabulary at every decision position trained on, augmented ones included.
     offset = needed_offset(fold(head, u, 0.0), u, ds.x, vocab_max(base, ds.x[:, :d]))
     rows = fold(head, u, offset)
@@ -377,9 +241,10 @@ def main(argv=None) -> int:
     parser.add_argument("--soft-batch", type=int, default=8)
     parser.add_argument("--max-minutes", type=float, help="time budget of the soft-token training")
     parser.add_argument("--max-rows-per-source", type=int, help="sample each source (quick runs)")
-    parser.add_argument("--system-augment", type=float, default=0.0,
-                        help="fit also on this fraction of the trainable prompts rendered after "
-                             "a client system message (refusal_training.system_prompts.TRAIN)")
+    parser.add_argument("--system-augment", type=float, default=2.0,
+                        help="fit also on copies of the trainable prompts rendered after a "
+                             "client system message (refusal_training.system_prompts.TRAIN): "
+                             "copies per prompt, e.g. 0.5 (half of them) or 2")
     parser.add_argument("--no-client-systems", dest="client_systems", action="store_false",
                         help="skip the figures under held-out client system messages")
     parser.add_argument("--soft-tokens-from", type=Path,

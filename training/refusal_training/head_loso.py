@@ -1,0 +1,186 @@
+"""The decision head's data and figures: every source's rows, leave one source out.
+
+Apart from :mod:`.head_recipe` (which extracts features, fits the shipped head
+and writes the artefact) because how a figure is computed is its own job: which
+rows a head may train on when a source is measured (never that source's family,
+never an augmented copy's original source), which rows are measured (never an
+augmented copy), and the pools the README quotes.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+from refusal_plugins.vocab import scheme_keys
+
+from .decision_head import Head, fit_head
+from .scoring import auroc
+from .sources import CORPUS, Prompt, kind, measured, trainable
+from .system_prompts import HELD_OUT, TRAIN, draw
+
+logger = logging.getLogger(__name__)
+
+KEYS = scheme_keys("categorical")  # respond first
+FAMILIES = {
+    "coconot": "coconot", "coconot-seed": "coconot", "coconot-pref": "coconot",
+    "coconot-contrast": "coconot", "coconot-heldout": "coconot",
+    "self-instruct-seed": "self-instruct", "self-instruct-user": "self-instruct",
+}  # fmt: skip
+
+
+def family(name: str) -> str:
+    return FAMILIES.get(name, name)
+
+
+class Dataset:
+    """Every source's prompts with their features and class indices.
+
+    Rows may be followed by augmented copies (:meth:`augment`): prompts of the
+    trainable sources again, rendered after a client system message. They are
+    trained on with their source and never measured."""
+
+    def __init__(self, data: dict[str, list[Prompt]], features: np.ndarray, corpus_weight: float = 1.0):
+        self.names = list(data)
+        self.source = np.array([n for n in self.names for _ in data[n]])
+        self.rows = [r for n in self.names for r in data[n]]
+        self.x = features
+        self.y = np.array([KEYS.index(r.key) for r in self.rows])
+        self.corpus_weight = corpus_weight
+        # The project's corpus is written to break the public sets' shortcuts (length,
+        # style, alarming words); giving it more say lifts LOSO AUROC (docs/quality).
+        self.weight = np.where(self.source == CORPUS, corpus_weight, 1.0)
+        self.augmented = np.zeros(len(self.rows), dtype=bool)
+
+    def mask(self, names) -> np.ndarray:
+        return np.isin(self.source, list(names))
+
+    def measured_mask(self, names) -> np.ndarray:
+        """The rows of ``names`` a figure is computed on: never an augmented copy."""
+        return self.mask(names) & ~self.augmented
+
+    def augment(self, picks: np.ndarray, features: np.ndarray) -> None:
+        """Append copies of rows ``picks`` with other ``features`` (same source, label, weight)."""
+        self.source = np.concatenate([self.source, self.source[picks]])
+        self.rows += [self.rows[i] for i in picks]
+        self.x = np.concatenate([self.x, features])
+        self.y = np.concatenate([self.y, self.y[picks]])
+        self.weight = np.concatenate([self.weight, self.weight[picks]])
+        self.augmented = np.concatenate([self.augmented, np.ones(len(picks), dtype=bool)])
+
+
+def fit(ds: Dataset, train: np.ndarray, u: np.ndarray, l2: float) -> Head:
+    return fit_head(ds.x[train], ds.y[train], len(KEYS), u, l2=l2, sample_weight=ds.weight[train])
+
+
+def rates(probs: np.ndarray, refuse: np.ndarray) -> dict:
+    """Refusal rates of the greedy decision (the most likely control token, as served)."""
+    decided = probs.argmax(axis=1) != 0
+    out = {"n": int(len(refuse))}
+    if refuse.any():
+        out["refused_harmful"] = float(decided[refuse].mean())
+    if (~refuse).any():
+        out["refused_benign"] = float(decided[~refuse].mean())
+    return out
+
+
+def leave_one_source_out(
+    ds: Dataset, u: np.ndarray, l2: float, views: dict[str, np.ndarray] | None = None
+) -> tuple[dict, np.ndarray, dict[str, np.ndarray]]:
+    """Per source: figures of a head fitted without its family; every row's control
+    probabilities from such a head (NaN for rows never measured); and the same
+    heads' probabilities on each of ``views`` (other features of the same rows,
+    e.g. rendered after a client system message)."""
+    p_rows = np.full((len(ds.rows), len(KEYS)), np.nan)
+    p_views = {k: np.full((len(ds.rows), len(KEYS)), np.nan) for k in views or {}}
+    figures = {}
+    trainable_names = [n for n in ds.names if trainable(n)]
+    for name in filter(measured, ds.names):
+        keep = [n for n in trainable_names if family(n) != family(name)]
+        head = fit(ds, ds.mask(keep), u, l2)
+        rows = ds.measured_mask([name])
+        probs = head.probabilities(ds.x[rows])
+        p_rows[rows] = probs
+        for key, x in (views or {}).items():
+            p_views[key][rows] = head.probabilities(x[rows])
+        refuse = ds.y[rows] > 0
+        figures[name] = {"kind": kind(name), "trained_without": sorted({family(name)}),
+                         **rates(probs, refuse)}  # fmt: skip
+        if refuse.any():
+            argmax = probs[refuse].argmax(axis=1)
+            figures[name]["category_accuracy"] = float((argmax == ds.y[rows][refuse]).mean())
+        logger.info("LOSO %s: %s", name, figures[name])
+    return figures, p_rows, p_views
+
+
+def pooled(ds: Dataset, probs: np.ndarray, names) -> dict:
+    """AUROC of p(refuse) = 1 - p(respond), and the greedy rates, over ``names`` together."""
+    rows = ds.measured_mask(names)
+    refuse = ds.y[rows] > 0
+    both = refuse.any() and (~refuse).any()  # AUROC needs both kinds of prompt
+    value = auroc(1.0 - probs[rows, 0], refuse) if both else None
+    return {"auroc": value, **rates(probs[rows], refuse)}
+
+
+def pools(ds: Dataset, probs: np.ndarray, names: list[str]) -> dict:
+    """The summary pools: every measured source, all but CoCoNot, and each kind."""
+    out = {"all_sources": pooled(ds, probs, names),
+           "without_coconot": pooled(ds, probs, [n for n in names if family(n) != "coconot"])}  # fmt: skip
+    for k in ("harmful", "lookalike", "ordinary"):
+        out[k] = pooled(ds, probs, [n for n in names if kind(n) == k])
+    return out
+
+
+def per_system(ds: Dataset, probs: np.ndarray, systems: np.ndarray, names: list[str]) -> dict:
+    """Greedy rates per client system message (its first 60 characters) over ``names``."""
+    rows = ds.measured_mask(names)
+    out = {}
+    for text in dict.fromkeys(systems[rows]):
+        these = rows & (systems == text)
+        out[text[:60]] = rates(probs[these], ds.y[these] > 0)
+    return out
+
+
+def client_system_view(ds: Dataset, features_of, seed: int) -> tuple[np.ndarray, list[str]]:
+    """The features of every measured row after a held-out client system message (one
+    seeded draw per row, :data:`.system_prompts.HELD_OUT`; zeros for the corpus, which
+    is never measured), and the message of each row ("" for the corpus)."""
+    rows = np.flatnonzero(ds.measured_mask(filter(measured, ds.names)))
+    drawn = draw(HELD_OUT, len(rows), seed + 1)
+    x = np.zeros_like(ds.x)
+    x[rows] = np.concatenate(features_of([ds.rows[i].prompt for i in rows], drawn), axis=1)
+    systems = [""] * len(ds.rows)
+    for i, text in zip(rows, drawn, strict=True):
+        systems[i] = text
+    return x, systems
+
+
+def augment_with_systems(ds: Dataset, features_of, copies: float, seed: int) -> None:
+    """Add the trainable rows again, each copy rendered after a training system message
+    (:data:`.system_prompts.TRAIN`, one seeded draw per copy): ``copies`` of them per
+    row (a fraction: a seeded share of the rows; 2.0: every row twice)."""
+    candidates = np.flatnonzero(ds.mask([n for n in ds.names if trainable(n)]) & ~ds.augmented)
+    for k in range(int(np.ceil(copies))):
+        share = min(1.0, copies - k)
+        rng = np.random.default_rng(seed + 2 + 10 * k)
+        picks = np.sort(rng.permutation(candidates)[: int(round(share * len(candidates)))])
+        systems = draw(TRAIN, len(picks), seed + 3 + 10 * k)
+        x = np.concatenate(features_of([ds.rows[i].prompt for i in picks], systems), axis=1)
+        ds.augment(picks, x)
+        logger.info("copy %d: %d trainable rows after client system messages", k + 1, len(picks))
+
+
+def yardsticks(ds: Dataset, head: Head, x: np.ndarray) -> dict:
+    """The greedy rates of ``head`` on each never-trained source, from features ``x``
+    (aligned with the dataset's rows: its own, or a view of them)."""
+    out = {}
+    for name in ds.names:
+        if not trainable(name):
+            rows = ds.measured_mask([name])
+            out[name] = rates(head.probabilities(x[rows]), ds.y[rows] > 0)
+    return out
+
+
+def pad(x: np.ndarray, n: int) -> np.ndarray:
+    """``x`` with zero rows appended up to ``n`` rows (the augmented copies: never measured)."""
+    return np.concatenate([x, np.zeros((n - len(x), x.shape[1]), dtype=x.dtype)])
