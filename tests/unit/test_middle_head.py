@@ -125,18 +125,26 @@ def test_several_layers_and_the_final_state_come_from_one_pass(tmp_path):
         np.testing.assert_allclose(third[i], out.hidden_states[3][0, -1].numpy(), atol=1e-4)
 
 
-def test_cached_layers_are_not_extracted_again(tmp_path, monkeypatch):
+def recorded_extractions(monkeypatch, what: str) -> list:
+    """Each extraction pass from now on, as its keyword ``what`` (layers, systems)."""
     from refusal_training import features
 
-    tiny_llama(tmp_path / "model", layer=None)
     calls = []
     real = features._extract
 
     def counting(*args, **kwargs):
-        calls.append(kwargs.get("layers"))
+        calls.append(kwargs.get(what))
         return real(*args, **kwargs)
 
     monkeypatch.setattr(features, "_extract", counting)
+    return calls
+
+
+def test_cached_layers_are_not_extracted_again(tmp_path, monkeypatch):
+    from refusal_training import features
+
+    tiny_llama(tmp_path / "model", layer=None)
+    calls = recorded_extractions(monkeypatch, "layers")
     cache = tmp_path / "cache"
     first = features.decision_features_at(tmp_path / "model", ["w5", "w6 w7"], cache, [None, 2], 2)
     assert calls == [[None, 2]]  # both layers in one pass
@@ -178,14 +186,7 @@ def test_a_client_system_message_is_rendered_and_cached_under_its_own_key(tmp_pa
     from refusal_training import features
 
     model, _ = tiny_llama(tmp_path / "model", layer=None)
-    calls = []
-    real = features._extract
-
-    def counting(*args, **kwargs):
-        calls.append(kwargs.get("systems"))
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(features, "_extract", counting)
+    calls = recorded_extractions(monkeypatch, "systems")
     cache = tmp_path / "cache"
     (plain,) = features.decision_features_at(tmp_path / "model", ["w5", "w6"], cache, [None], 2)
     (under,) = features.decision_features_at(tmp_path / "model", ["w5", "w6"], cache, [None], 2,
