@@ -46,11 +46,10 @@ def client(served: Server) -> OpenAI:
 
 def ask(client: OpenAI, served: Server, prompt: str, max_tokens: int = 40, system: str | None = None,
         **extra):  # fmt: skip
-    messages = [{"role": "user", "content": prompt}]
-    if system is not None:
-        messages.insert(0, {"role": "system", "content": system})
+    from refusal_training.system_prompts import chat_messages
+
     reply = client.chat.completions.create(
-        model=served.model, messages=messages,
+        model=served.model, messages=chat_messages(prompt, system),
         temperature=0, max_tokens=max_tokens, extra_body=extra or None,
     )  # fmt: skip
     choice = reply.choices[0]

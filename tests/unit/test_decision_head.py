@@ -161,15 +161,16 @@ def test_every_measured_row_is_also_scored_after_a_held_out_system_message(data_
 
     recipe, ds = _recipe_dataset(data_dir)
     features_of = StandInFeatures()
+    recipe.augment_with_systems(ds, features_of, 1.0, seed=0)
     x, systems = recipe.client_system_view(ds, features_of, seed=0)
     rows = ds.measured_mask(filter(measured, ds.names))
-    assert len(features_of.calls) == 1 and len(features_of.calls[0][0]) == rows.sum()
+    assert len(features_of.calls) == 2 and len(features_of.calls[1][0]) == rows.sum()
+    assert len(x) == len(systems) == len(ds.rows)  # aligned with every row, copies included
     assert {systems[i] for i in np.flatnonzero(rows)} <= set(HELD_OUT)
     assert not set(HELD_OUT) & set(TRAIN)  # measured under messages never fitted on
-    assert all(systems[i] == "" for i in np.flatnonzero(ds.source == "corpus"))
+    assert all(systems[i] == "" for i in np.flatnonzero((ds.source == "corpus") | ds.augmented))
     assert not x[~rows].any()
-    recipe.augment_with_systems(ds, features_of, 1.0, seed=0)
-    views = {"client_system": recipe.pad(x, len(ds.rows))}
+    views = {"client_system": x}
     _, p, p_views = recipe.leave_one_source_out(ds, np.zeros(8), 1e-2, views)
     view = p_views["client_system"]
     names = list(filter(measured, ds.names))
@@ -181,5 +182,5 @@ def test_every_measured_row_is_also_scored_after_a_held_out_system_message(data_
     on_view = recipe.yardsticks(ds, head, views["client_system"])
     assert set(on_view) == {"coconot-heldout", "coconot-contrast", "self-instruct-user"}
     assert on_view["coconot-heldout"]["n"] == ds.measured_mask(["coconot-heldout"]).sum()
-    per = recipe.per_system(ds, view, np.array(systems + [""] * int(ds.augmented.sum()), dtype=object), names)
+    per = recipe.per_system(ds, view, np.array(systems, dtype=object), names)
     assert set(per) <= {t[:60] for t in HELD_OUT} and sum(v["n"] for v in per.values()) == rows.sum()

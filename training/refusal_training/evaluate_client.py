@@ -17,6 +17,7 @@ import httpx
 
 from .evaluate_decisions import Decision, Settings
 from .evaluate_rows import EvalError
+from .system_prompts import chat_messages
 
 #: vLLM (uvicorn) closes idle keep-alive connections after 5 s; ours expire first.
 KEEPALIVE_S = 4.0
@@ -100,12 +101,9 @@ class Client:
         return self.model
 
     def body(self, prompt: str, settings: Settings) -> dict[str, Any]:
-        messages = [{"role": "user", "content": prompt}]
-        if self.system is not None:
-            messages.insert(0, {"role": "system", "content": self.system})
         return {
             "model": self.model,
-            "messages": messages,
+            "messages": chat_messages(prompt, self.system),
             "temperature": 0,
             "max_tokens": 1,  # the first generated token is the decision
             **settings.body(),

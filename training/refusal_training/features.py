@@ -90,10 +90,10 @@ class FeatureCache:
 def prompt_ids(tokenizer, prompt: str, system: str | None = None) -> list[int]:
     """A user prompt rendered by the model's chat template, up to the decision position;
     after a client's ``system`` message when one is given."""
-    messages = [{"role": "user", "content": prompt}]
-    if system is not None:
-        messages.insert(0, {"role": "system", "content": system})
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    from .system_prompts import chat_messages
+
+    ids = tokenizer.apply_chat_template(chat_messages(prompt, system), add_generation_prompt=True,
+                                        tokenize=True)  # fmt: skip
     return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
 

@@ -143,8 +143,8 @@ def per_system(ds: Dataset, probs: np.ndarray, systems: np.ndarray, names: list[
 
 def client_system_view(ds: Dataset, features_of, seed: int) -> tuple[np.ndarray, list[str]]:
     """The features of every measured row after a held-out client system message (one
-    seeded draw per row, :data:`.system_prompts.HELD_OUT`; zeros for the corpus, which
-    is never measured), and the message of each row ("" for the corpus)."""
+    seeded draw per row, :data:`.system_prompts.HELD_OUT`), aligned with all the
+    dataset's rows: zeros and "" for the corpus and augmented copies, never measured."""
     rows = np.flatnonzero(ds.measured_mask(filter(measured, ds.names)))
     drawn = draw(HELD_OUT, len(rows), seed + 1)
     x = np.zeros_like(ds.x)
@@ -179,8 +179,3 @@ def yardsticks(ds: Dataset, head: Head, x: np.ndarray) -> dict:
             rows = ds.measured_mask([name])
             out[name] = rates(head.probabilities(x[rows]), ds.y[rows] > 0)
     return out
-
-
-def pad(x: np.ndarray, n: int) -> np.ndarray:
-    """``x`` with zero rows appended up to ``n`` rows (the augmented copies: never measured)."""
-    return np.concatenate([x, np.zeros((n - len(x), x.shape[1]), dtype=x.dtype)])

@@ -55,7 +55,6 @@ from .head_loso import (
     client_system_view,
     fit,
     leave_one_source_out,
-    pad,
     per_system,
     pools,
     yardsticks,
@@ -105,17 +104,16 @@ def run(args: argparse.Namespace) -> dict:
     ds = Dataset(data, features, args.corpus_weight)
     lift = features @ u
     logger.info("u·h over all decision positions: mean %.3f, sd %.3f", lift.mean(), lift.std())
-    base_rows = len(ds.rows)
-    client = client_system_view(ds, features_of, args.split_seed) if args.client_systems else None
     if args.system_augment:
         augment_with_systems(ds, features_of, args.system_augment, args.split_seed)
-    views = {"client_system": pad(client[0], len(ds.rows))} if client else None
+    client = client_system_view(ds, features_of, args.split_seed) if args.client_systems else None
+    views = {"client_system": client[0]} if client else None
     loso, p, p_views = leave_one_source_out(ds, u, args.l2, views)
     names = list(filter(measured, ds.names))
     summary = pools(ds, p, names)
     under_client = None
     if client:
-        systems = np.array(client[1] + [""] * (len(ds.rows) - base_rows), dtype=object)
+        systems = np.array(client[1], dtype=object)
         under_client = {"all_held_out_system_messages": pools(ds, p_views["client_system"], names),
                         "per_system_message": per_system(ds, p_views["client_system"], systems, names)}  # fmt: skip
     train = ds.mask([n for n in ds.names if trainable(n)])

@@ -70,6 +70,15 @@ HELD_OUT: tuple[str, ...] = (
 )
 
 
+def chat_messages(prompt: str, system: str | None = None) -> list[dict[str, str]]:
+    """The OpenAI chat messages of one user prompt, after ``system`` when one is given:
+    what a client sends, and what the features and ``refusal-gateway eval`` render."""
+    messages = [{"role": "user", "content": prompt}]
+    if system is not None:
+        messages.insert(0, {"role": "system", "content": system})
+    return messages
+
+
 def draw(texts: tuple[str, ...], n: int, seed: int) -> list[str]:
     """``n`` system messages drawn from ``texts`` with a seed (the same draw every run)."""
     rng = random.Random(seed)
