@@ -4,8 +4,12 @@ The policy file (YAML or JSON, the same on every replica — a ConfigMap in
 Kubernetes) names refusal profiles and, optionally, API keys::
 
     default_profile: balanced          # used when a request names none
+    request_rules:                     # what clients may send around a request (defaults shown)
+      system_messages: allow           # system/developer messages
+      assistant_prefill: reject        # continue_final_message / add_generation_prompt: false
+      raw_prompts: allow               # /v1/completions
     profiles:
-      strict:     {refusal_bias: {refuse: 3.0}}
+      strict:     {refusal_bias: {refuse: 3.0}, request_rules: {system_messages: reject}}
       balanced:   {}
       permissive: {refusal_bias: {safety: -2.0, humanizing: -4.0}}
     api_keys:                          # when present, /v1 needs "Authorization: Bearer <key>"
@@ -21,7 +25,9 @@ Precedence (spelled out in :meth:`Policy.resolve`): server default profile or
 the key's default → the requested ``refusal_profile`` → the request's own
 fields. Biases add up (a request *adjusts* its profile); a request's threshold
 or temperature replaces the profile's for that key. The key's bounds are
-checked on the result: violations are 403, unknown profiles 400.
+checked on the result: violations are 403, unknown profiles 400. The request
+rules (:mod:`.request_rules`) are the server's, overridden by the profile the
+request runs under; a rejected request is a 403 too.
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ from refusal_plugins.params import (
 )
 
 from .errors import GatewayError, bad_request
+from .request_rules import RequestRules
 
 PROFILE_FIELD = "refusal_profile"
 
@@ -60,9 +67,12 @@ class Profile(BaseModel):
     refusal_bias: dict[str, float] = Field(default_factory=dict)
     refusal_threshold: float | dict[str, float] | None = None
     refusal_temperature: float | None = None
+    #: Overrides of the server-wide request rules for requests under this profile.
+    request_rules: RequestRules | None = None
 
     def params(self) -> RefusalParams:
-        return parse_refusal_params(self.model_dump(exclude_none=True, exclude_defaults=False))
+        fields = self.model_dump(exclude_none=True, exclude_defaults=False, exclude={"request_rules"})
+        return parse_refusal_params(fields)
 
 
 class ApiKey(BaseModel):
@@ -93,6 +103,8 @@ class ApiKey(BaseModel):
 class PolicyFile(BaseModel):
     model_config = ConfigDict(extra="forbid")
     default_profile: str | None = None
+    #: What clients may put around a request (system messages, prefill, raw prompts).
+    request_rules: RequestRules = Field(default_factory=RequestRules)
     profiles: dict[str, Profile] = Field(default_factory=dict)
     api_keys: list[ApiKey] = Field(default_factory=list)
     #: What-if profiles: for every request, the decision each would have made is
@@ -148,6 +160,11 @@ class Policy:
     def shadow_params(self) -> dict[str, RefusalParams]:
         """The settings of each shadow profile (policy file order, duplicates once)."""
         return {name: self._profiles[name] for name in self.file.shadow_profiles}
+
+    def rules(self, profile: str | None) -> RequestRules:
+        """The request rules that apply under ``profile`` (None: the server-wide ones)."""
+        own = self.file.profiles[profile].request_rules if profile is not None else None
+        return self.file.request_rules.overridden(own)
 
     def authenticate(self, authorization: str | None) -> ApiKey | None:
         """The caller's key entry; 401 when keys are configured and this one is not."""

@@ -30,6 +30,7 @@ from .fields import Kind, check_fields
 from .policy import PROFILE_FIELD, ApiKey, Policy
 from .refusal import ControlText
 from .request_checks import check_token_ids, choice_count, is_structured
+from .request_rules import check_request_rules
 
 
 class Reports(Protocol):
@@ -136,6 +137,7 @@ def _prepare(
     profile_name = body.pop(PROFILE_FIELD, None)
     requested = take_refusal_params(body, manifest)
     params, profile = policy.resolve(profile_name, requested, key)
+    check_request_rules(body, kind, policy.rules(profile), profile)
     if is_structured(body) and (params.bias or params.threshold):
         raise bad_request(
             "structured output (response_format / structured_outputs) cannot be combined with "

@@ -112,14 +112,19 @@ def test_policy_profiles_are_valid_refusal_settings() -> None:
     for name, profile in profiles.items():
         settings = {f: profile[f] for f in (BIAS_FIELD, THRESHOLD_FIELD) if profile.get(f)}
         parse_refusal_params(settings)  # raises RefusalParamError naming the bad field
-        assert set(profile) <= {BIAS_FIELD, THRESHOLD_FIELD, "refusal_temperature"}, name
+        assert set(profile) <= {BIAS_FIELD, THRESHOLD_FIELD, "refusal_temperature",
+                                "request_rules"}, name
 
 
 def test_policy_loads_with_the_servers_policy_model() -> None:
     """The ConfigMap's policy.yaml is a file the server accepts."""
     from refusal_gateway.policy import Policy, PolicyFile
 
-    assert Policy(PolicyFile.model_validate(_policy())).profile_names
+    policy = Policy(PolicyFile.model_validate(_policy()))
+    assert policy.profile_names
+    # The strict profile keeps the client from setting the decision's context.
+    assert policy.rules("strict").model_dump() == {
+        "system_messages": "reject", "assistant_prefill": "reject", "raw_prompts": "reject"}
 
 
 def test_service_selects_the_deployment_pods() -> None:

@@ -252,7 +252,8 @@ def test_every_streamed_choice_is_decided_and_hidden(server):
 def test_echo_keeps_the_prompt_and_reads_the_decision_after_it(server):
     messages = [{"role": "user", "content": "Tell me"}, {"role": "assistant", "content": "Well,"}]
     body = chat(server, messages=messages, echo=True, add_generation_prompt=False,
-                continue_final_message=True, refusal_bias={"safety": 100.0}, max_tokens=6)
+                continue_final_message=True, refusal_bias={"safety": 100.0}, max_tokens=6,
+                refusal_profile="prefill")  # a prefill needs a profile that allows it
     reply = post(server, "/v1/chat/completions", body).json()
     choice = reply["choices"][0]
     assert choice["refusal_decision"]["category"] == "safety"
