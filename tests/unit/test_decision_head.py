@@ -184,3 +184,30 @@ def test_every_measured_row_is_also_scored_after_a_held_out_system_message(data_
     assert on_view["coconot-heldout"]["n"] == ds.measured_mask(["coconot-heldout"]).sum()
     per = recipe.per_system(ds, view, np.array(systems, dtype=object), names)
     assert set(per) <= {t[:60] for t in HELD_OUT} and sum(v["n"] for v in per.values()) == rows.sum()
+
+
+def test_earlier_turn_copies_and_view_draw_from_disjoint_exchanges(data_dir):
+    from refusal_training.conversations import HELD_OUT, TRAIN
+    from refusal_training.system_prompts import TRAIN as SYSTEMS
+    from refusal_training.system_prompts import Context, chat_messages
+
+    recipe, ds = _recipe_dataset(data_dir)
+    features_of = StandInFeatures()
+    originals = [r.prompt for r in ds.rows if trainable(r.source)]
+    recipe.augment_with_systems(ds, features_of, 1.0, seed=0)
+    recipe.augment_with_turns(ds, features_of, 1.0, seed=0)
+    texts, contexts = features_of.calls[1]
+    assert sorted(texts) == sorted(originals)  # copies of the originals, not of the system copies
+    assert all(isinstance(c, Context) and c.earlier in TRAIN for c in contexts)
+    systems = [c.system for c in contexts]
+    assert set(systems) - {None} <= set(SYSTEMS) and 0.3 < systems.count(None) / len(systems) < 0.7
+    x, labels = recipe.earlier_turns_view(ds, features_of, seed=0)
+    rows = np.flatnonzero(ds.measured_mask(filter(measured, ds.names)))
+    viewed = features_of.calls[2][1]
+    assert len(viewed) == len(rows) and all(c.earlier in HELD_OUT and c.system is None for c in viewed)
+    assert not set(HELD_OUT) & set(TRAIN)  # measured after exchanges never fitted on
+    assert {labels[i] for i in rows} <= {e[0][0] for e in HELD_OUT} and len(x) == len(ds.rows)
+    # The messages a client sends: default system prompt kept (no system), turns in order.
+    two = HELD_OUT[3]
+    assert [m["role"] for m in chat_messages("q", Context(earlier=two))] == ["user", "assistant"] * 2 + ["user"]
+    assert chat_messages("q", Context("s", two))[0] == {"role": "system", "content": "s"}

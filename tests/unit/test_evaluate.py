@@ -508,3 +508,27 @@ def test_a_system_message_goes_before_every_prompt_and_into_the_report(tmp_path)
     assert ev.options_from_args(args).system == system
     plain = run(ev.Options(data=files, progress=False, plot=False, transport=httpx.MockTransport(FakeServer(table))))
     assert plain["system"] is None and "System message" not in ev.markdown(plain)
+
+
+def test_earlier_turns_go_before_every_prompt_after_the_system_message(tmp_path):
+    files, table = dataset(tmp_path, n=3)
+    turns = [{"role": "user", "content": "Hi!"}, {"role": "assistant", "content": "Hello!"}]
+    (tmp_path / "turns.json").write_text(json.dumps(turns))
+    args = ev.parser().parse_args([str(files[0]), "--earlier", str(tmp_path / "turns.json"), "--system", "S"])
+    options = ev.options_from_args(args)
+    assert options.earlier == (("Hi!", "Hello!"),)
+    fake = FakeServer(table)
+    report = run(ev.Options(data=files, progress=False, plot=False, system="S", earlier=options.earlier,
+                            transport=httpx.MockTransport(fake)))  # fmt: skip
+    for body in fake.bodies:
+        assert body["messages"][:3] == [{"role": "system", "content": "S"}, *turns]
+        assert body["messages"][3]["role"] == "user" and len(body["messages"]) == 4
+    assert report["earlier"] == [["Hi!", "Hello!"]] and "Earlier turns" in ev.markdown(report)
+    for bad in ([], [turns[1]], turns[:1], [turns[0], turns[0]], {"role": "user"}, [{"role": "user", "content": 1},
+                turns[1]]):  # fmt: skip
+        (tmp_path / "bad.json").write_text(json.dumps(bad))
+        with pytest.raises(ev.EvalError, match="alternating"):
+            ev.read_earlier(tmp_path / "bad.json")
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(ev.EvalError, match="--earlier"):
+        ev.read_earlier(tmp_path / "bad.json")

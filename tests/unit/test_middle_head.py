@@ -204,3 +204,21 @@ def test_a_client_system_message_is_rendered_and_cached_under_its_own_key(tmp_pa
     assert not np.allclose(under[0], plain[0], atol=1e-3)
     features.decision_features_at(tmp_path / "model", ["w5"], cache, [None], 2, systems=["w9"])
     assert len(calls) == 2  # cached
+
+
+def test_earlier_turns_are_rendered_and_cached_under_their_own_key(tmp_path, monkeypatch):
+    from refusal_training import features
+    from refusal_training.system_prompts import Context
+
+    tiny_llama(tmp_path / "model", layer=None)
+    calls = recorded_extractions(monkeypatch, "systems")
+    cache = tmp_path / "cache"
+    turns = Context(earlier=(("w7", "w8"),))
+    both = Context(system="w9", earlier=(("w7", "w8"),))
+    features.decision_features_at(tmp_path / "model", ["w5"], cache, [None], 2, systems=["w9"])
+    features.decision_features_at(tmp_path / "model", ["w5"] * 3, cache, [None], 2,
+                                  systems=[Context(system="w9"), turns, both])  # fmt: skip
+    # A context of a system message alone is that system message (cached); the others are new.
+    assert calls == [["w9"], [turns, both]]
+    keys = {features._prompt_key("w5", c) for c in (None, "w9", turns, both)}
+    assert len(keys) == 4 and features._prompt_key("w5", Context(system="w9")) in keys

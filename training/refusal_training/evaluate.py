@@ -162,6 +162,10 @@ def parser(prog: str = "refusal-gateway eval") -> argparse.ArgumentParser:
     p.add_argument("--system", metavar="TEXT",
                    help="a system message before every prompt (your deployment's own: it "
                    "replaces the model's default and moves its decisions)")  # fmt: skip
+    p.add_argument("--earlier", type=Path, metavar="FILE",
+                   help="a JSON list of chat messages (user and assistant, alternating, user "
+                   "first) before every prompt: a conversation's earlier turns move the "
+                   "decision too")  # fmt: skip
     p.add_argument("--bias", type=parse_assignment, action="append", default=[], metavar="KEY=N",
                         help="a fixed refusal_bias entry of every request (repeatable), e.g. safety=2")  # fmt: skip
     p.add_argument("--threshold", action="append", default=[], metavar="N|KEY=N",
@@ -225,7 +229,23 @@ def options_from_args(args: argparse.Namespace) -> Options:
         sweep_mode=args.sweep_mode, out=args.out, limit=args.limit, seed=args.seed,
         timeout_s=args.timeout_s, max_attempts=args.max_attempts,
         progress=not args.no_progress, plot=not args.no_plot, system=args.system,
+        earlier=read_earlier(args.earlier) if args.earlier else (),
     )  # fmt: skip
+
+
+def read_earlier(path: Path) -> tuple[tuple[str, str], ...]:
+    """``--earlier``: the (user, assistant) exchanges of a JSON list of chat messages."""
+    try:
+        messages = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise EvalError(f"--earlier {path}: {e}") from None
+    roles = ["user", "assistant"] * (len(messages) // 2) if isinstance(messages, list) else None
+    if (not messages or roles is None or len(roles) != len(messages)
+            or any(not isinstance(m, dict) or m.get("role") != r or not isinstance(m.get("content"), str)
+                   for m, r in zip(messages, roles, strict=True))):  # fmt: skip
+        raise EvalError(f"--earlier {path}: a JSON list of user and assistant messages, alternating, "
+                        "user first, each with string content")  # fmt: skip
+    return tuple((u["content"], a["content"]) for u, a in zip(messages[::2], messages[1::2], strict=True))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

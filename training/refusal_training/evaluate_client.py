@@ -17,7 +17,7 @@ import httpx
 
 from .evaluate_decisions import Decision, Settings
 from .evaluate_rows import EvalError
-from .system_prompts import chat_messages
+from .system_prompts import Before, chat_messages
 
 #: vLLM (uvicorn) closes idle keep-alive connections after 5 s; ours expire first.
 KEEPALIVE_S = 4.0
@@ -38,7 +38,7 @@ class Client:
         max_attempts: int = 8,
         progress: bool = True,
         transport: httpx.AsyncBaseTransport | None = None,
-        system: str | None = None,
+        system: Before = None,
     ):
         base = url.rstrip("/")
         self.transport = transport  # tests: an httpx.MockTransport
@@ -49,8 +49,8 @@ class Client:
         self.timeout = httpx.Timeout(timeout_s, connect=10.0)
         self.max_attempts = max(1, max_attempts)
         self.progress = progress
-        # The deployment's own system message: it replaces the template's default and
-        # moves the decision (docs/quality/experiments.md), so measure under it.
+        # The deployment's own system message (it replaces the template's default) and
+        # earlier turns move the decision (docs/quality/experiments.md): measure under them.
         self.system = system
         self.sent = 0
         self.retries = 0

@@ -22,6 +22,7 @@ from .evaluate_decisions import Decision, Settings, offline_decisions, offline_e
 from .evaluate_metrics import breakdown, sweep_point
 from .evaluate_report import write_outputs
 from .evaluate_rows import EvalError, EvalRow, load_rows
+from .system_prompts import Context
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +46,7 @@ class Options:
     progress: bool = True
     plot: bool = True
     system: str | None = None  # a system message before every prompt
+    earlier: tuple[tuple[str, str], ...] = ()  # (user, assistant) exchanges before every prompt
     transport: httpx.AsyncBaseTransport | None = None  # tests
 
 
@@ -115,7 +117,8 @@ async def run_eval(options: Options) -> dict[str, Any]:
     rows, files = load_rows(options.data, options.limit, options.seed)
     client = Client(
         options.url, options.model, options.api_key, options.concurrency, options.timeout_s,
-        options.max_attempts, options.progress, options.transport, options.system,
+        options.max_attempts, options.progress, options.transport,
+        Context(options.system, options.earlier) if options.earlier else options.system,
     )  # fmt: skip
     settings = options.settings
     started = time.monotonic()
@@ -144,6 +147,7 @@ async def run_eval(options: Options) -> dict[str, Any]:
         "limit": options.limit,
         "seed": options.seed,
         "system": options.system,
+        "earlier": [list(e) for e in options.earlier],
         "settings": settings.body(),
         "request": "chat completion, temperature 0, max_tokens 1: the first token is the decision",
         "control_keys": keys,

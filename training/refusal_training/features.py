@@ -28,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .system_prompts import Before, Context, chat_messages
+
 logger = logging.getLogger(__name__)
 
 FEATURES_VERSION = 1  # bump when what is extracted changes
@@ -44,12 +46,18 @@ def _model_key(model_dir: Path, layer: int | None = None) -> str:
     return h.hexdigest()[:16]
 
 
-def _prompt_key(prompt: str, system: str | None = None) -> str:
+def _prompt_key(prompt: str, before: Before = None) -> str:
     """The cache key of a rendering: the prompt's own hash when the template's default
-    system message is used (the key features always had), else one of both texts."""
-    if system is None:
+    system message is used (the key features always had), else one of both texts, or of
+    the whole context when earlier exchanges come before the prompt."""
+    if isinstance(before, Context):
+        if before.earlier:
+            text = json.dumps(["context", before.system, before.earlier, prompt])
+            return hashlib.sha256(text.encode("utf-8")).hexdigest()
+        before = before.system
+    if before is None:
         return hashlib.sha256(prompt.encode("utf-8")).hexdigest()
-    return hashlib.sha256(json.dumps(["system", system, prompt]).encode("utf-8")).hexdigest()
+    return hashlib.sha256(json.dumps(["system", before, prompt]).encode("utf-8")).hexdigest()
 
 
 class FeatureCache:
@@ -87,11 +95,9 @@ class FeatureCache:
         (self.dir / "index.json").write_text(json.dumps(self._index))
 
 
-def prompt_ids(tokenizer, prompt: str, system: str | None = None) -> list[int]:
+def prompt_ids(tokenizer, prompt: str, system: Before = None) -> list[int]:
     """A user prompt rendered by the model's chat template, up to the decision position;
-    after a client's ``system`` message when one is given."""
-    from .system_prompts import chat_messages
-
+    after a client's ``system`` message (or a whole :class:`.Context`) when one is given."""
     ids = tokenizer.apply_chat_template(chat_messages(prompt, system), add_generation_prompt=True,
                                         tokenize=True)  # fmt: skip
     return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
@@ -127,7 +133,7 @@ def _extract(
     batch_size: int,
     device: str,
     layers: Sequence[int | None] = (None,),
-    systems: Sequence[str | None] | None = None,
+    systems: Sequence[Before] | None = None,
 ) -> list[np.ndarray]:
     """The decision-position vectors of ``prompts`` (each after its client system
     message in ``systems``, if any) at each of ``layers`` (a decoder layer's input, or
@@ -184,15 +190,16 @@ def decision_features_at(
     layers: Sequence[int | None],
     batch_size: int = 16,
     device: str = "cpu",
-    systems: Sequence[str | None] | None = None,
+    systems: Sequence[Before] | None = None,
 ) -> list[np.ndarray]:
     """:func:`decision_features` of each of ``layers``; whatever is not cached yet is
     extracted for every layer that lacks it in one pass over the model. ``systems``:
-    per prompt, a client system message or None (the template's default)."""
+    per prompt, a client system message, a :class:`.Context` or None (the template's
+    default)."""
     systems = list(systems) if systems is not None else [None] * len(prompts)
     keys = [_prompt_key(p, s) for p, s in zip(prompts, systems, strict=True)]
     caches = {layer: FeatureCache(cache_root, model_dir, layer) for layer in dict.fromkeys(layers)}
-    todo: dict[str, tuple[str, str | None]] = {}
+    todo: dict[str, tuple[str, Before]] = {}
     lacking = []
     for layer, cache in caches.items():
         missing, _ = cache.get(keys)

@@ -14,10 +14,13 @@ import logging
 import numpy as np
 from refusal_plugins.vocab import scheme_keys
 
+from .conversations import HELD_OUT as CONVERSATIONS_HELD_OUT
+from .conversations import TRAIN as CONVERSATIONS_TRAIN
+from .conversations import draw_contexts
 from .decision_head import Head, fit_head
 from .scoring import auroc
 from .sources import CORPUS, Prompt, kind, measured, trainable
-from .system_prompts import HELD_OUT, TRAIN, draw
+from .system_prompts import HELD_OUT, TRAIN, Context, draw
 
 logger = logging.getLogger(__name__)
 
@@ -146,28 +149,50 @@ def client_system_view(ds: Dataset, features_of, seed: int) -> tuple[np.ndarray,
     seeded draw per row, :data:`.system_prompts.HELD_OUT`), aligned with all the
     dataset's rows: zeros and "" for the corpus and augmented copies, never measured."""
     rows = np.flatnonzero(ds.measured_mask(filter(measured, ds.names)))
-    drawn = draw(HELD_OUT, len(rows), seed + 1)
+    return _view(ds, features_of, rows, draw(HELD_OUT, len(rows), seed + 1))
+
+
+def earlier_turns_view(ds: Dataset, features_of, seed: int) -> tuple[np.ndarray, list[str]]:
+    """:func:`client_system_view` after a held-out earlier exchange instead
+    (:data:`.conversations.HELD_OUT`, no client system message); each row is labelled by
+    the exchange's first user message."""
+    rows = np.flatnonzero(ds.measured_mask(filter(measured, ds.names)))
+    return _view(ds, features_of, rows, draw_contexts(CONVERSATIONS_HELD_OUT, len(rows), seed + 51))
+
+
+def _view(ds: Dataset, features_of, rows: np.ndarray, before: list) -> tuple[np.ndarray, list[str]]:
     x = np.zeros_like(ds.x)
-    x[rows] = np.concatenate(features_of([ds.rows[i].prompt for i in rows], drawn), axis=1)
-    systems = [""] * len(ds.rows)
-    for i, text in zip(rows, drawn, strict=True):
-        systems[i] = text
-    return x, systems
+    x[rows] = np.concatenate(features_of([ds.rows[i].prompt for i in rows], before), axis=1)
+    labels = [""] * len(ds.rows)
+    for i, b in zip(rows, before, strict=True):
+        labels[i] = b.earlier[0][0] if isinstance(b, Context) else b
+    return x, labels
 
 
 def augment_with_systems(ds: Dataset, features_of, copies: float, seed: int) -> None:
     """Add the trainable rows again, each copy rendered after a training system message
     (:data:`.system_prompts.TRAIN`, one seeded draw per copy): ``copies`` of them per
     row (a fraction: a seeded share of the rows; 2.0: every row twice)."""
+    _augment(ds, features_of, copies, seed, lambda n, s: draw(TRAIN, n, s), "client system messages")
+
+
+def augment_with_turns(ds: Dataset, features_of, copies: float, seed: int) -> None:
+    """:func:`augment_with_systems` after an earlier exchange of a conversation
+    (:data:`.conversations.TRAIN`), half of them also after a training system message."""
+    _augment(ds, features_of, copies, seed + 50,
+             lambda n, s: draw_contexts(CONVERSATIONS_TRAIN, n, s, system_share=0.5), "earlier turns")  # fmt: skip
+
+
+def _augment(ds: Dataset, features_of, copies: float, seed: int, before_of, what: str) -> None:
     candidates = np.flatnonzero(ds.mask([n for n in ds.names if trainable(n)]) & ~ds.augmented)
     for k in range(int(np.ceil(copies))):
         share = min(1.0, copies - k)
         rng = np.random.default_rng(seed + 2 + 10 * k)
         picks = np.sort(rng.permutation(candidates)[: int(round(share * len(candidates)))])
-        systems = draw(TRAIN, len(picks), seed + 3 + 10 * k)
-        x = np.concatenate(features_of([ds.rows[i].prompt for i in picks], systems), axis=1)
+        before = before_of(len(picks), seed + 3 + 10 * k)
+        x = np.concatenate(features_of([ds.rows[i].prompt for i in picks], before), axis=1)
         ds.augment(picks, x)
-        logger.info("copy %d: %d trainable rows after client system messages", k + 1, len(picks))
+        logger.info("copy %d: %d trainable rows after %s", k + 1, len(picks), what)
 
 
 def yardsticks(ds: Dataset, head: Head, x: np.ndarray) -> dict:

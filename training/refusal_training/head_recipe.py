@@ -17,14 +17,18 @@
    message replaces the template's default one and moved the decisions of a
    head fitted without them (a bank's support persona: 72 % → 50 % of harmful
    prompts refused in LOSO); with the copies it moves less, and the head
-   generalises better across sources too (LOSO AUROC 0.77 → 0.80);
+   generalises better across sources too (LOSO AUROC 0.77 → 0.80). And once
+   more after earlier turns of a conversation (:mod:`.conversations`,
+   ``--turn-augment 1``): after one greeting the head fitted on single turns
+   refused 30 % of CoCoNot's held-out half instead of 82 % (0.80 → 0.81);
 2. **leave-one-source-out**: for each source, a head fitted without that
    source's whole family (all of CoCoNot, say, when CoCoNot is measured) and
    measured on it — refusal rate on should-refuse sources, over-refusal on
    benign ones, and one AUROC of p(refuse) over every prompt, each scored by
    a head that never saw its family: the figures that predict other traffic;
    and the same heads on every measured prompt after a held-out client system
-   message (:data:`.system_prompts.HELD_OUT`, never trained on);
+   message (:data:`.system_prompts.HELD_OUT`) or after an earlier exchange
+   (:data:`.conversations.HELD_OUT`), never trained on;
 3. the shipped head, fitted on every trainable source (never on CoCoNot's
    held-out half, its contrast set or self-instruct's user-oriented set,
    which stay yardsticks), and the offset that lifts it above the vocabulary;
@@ -52,7 +56,9 @@ from .head_loso import (
     KEYS,
     Dataset,
     augment_with_systems,
+    augment_with_turns,
     client_system_view,
+    earlier_turns_view,
     fit,
     leave_one_source_out,
     per_system,
@@ -106,22 +112,26 @@ def run(args: argparse.Namespace) -> dict:
     logger.info("u·h over all decision positions: mean %.3f, sd %.3f", lift.mean(), lift.std())
     if args.system_augment:
         augment_with_systems(ds, features_of, args.system_augment, args.split_seed)
-    client = client_system_view(ds, features_of, args.split_seed) if args.client_systems else None
-    views = {"client_system": client[0]} if client else None
-    loso, p, p_views = leave_one_source_out(ds, u, args.l2, views)
+    if args.turn_augment:
+        augment_with_turns(ds, features_of, args.turn_augment, args.split_seed)
+    # Every measured prompt again after held-out context: client system messages, earlier turns.
+    views = {}
+    if args.client_systems:
+        views["client_system"] = client_system_view(ds, features_of, args.split_seed)
+        views["earlier_turns"] = earlier_turns_view(ds, features_of, args.split_seed)
+    loso, p, p_views = leave_one_source_out(ds, u, args.l2, {k: x for k, (x, _) in views.items()})
     names = list(filter(measured, ds.names))
     summary = pools(ds, p, names)
-    under_client = None
-    if client:
-        systems = np.array(client[1], dtype=object)
-        under_client = {"all_held_out_system_messages": pools(ds, p_views["client_system"], names),
-                        "per_system_message": per_system(ds, p_views["client_system"], systems, names)}  # fmt: skip
     train = ds.mask([n for n in ds.names if trainable(n)])
     head = fit(ds, train, u, args.l2)
     # Figures of the shipped head on what it never trained on (its yardsticks).
     shipped = yardsticks(ds, head, ds.x)
-    if views:
-        under_client["shipped_head_on_yardsticks"] = yardsticks(ds, head, views["client_system"])
+    under = {}
+    for key, (x, labels) in views.items():
+        contexts = np.array(labels, dtype=object)
+        under[key] = {"all_held_out": pools(ds, p_views[key], names),
+                      "per_context": per_system(ds, p_views[key], contexts, names),
+                      "shipped_head_on_yardsticks": yardsticks(ds, head, x)}  # fmt: skip
     # Above the vocabulary at every decision position trained on, augmented ones included.
     offset = needed_offset(fold(head, u, 0.0), u, ds.x, vocab_max(base, ds.x[:, :d]))
     rows = fold(head, u, offset)
@@ -164,7 +174,9 @@ def run(args: argparse.Namespace) -> dict:
         "leave_one_source_out": loso,
         "summary": summary,
         "system_augment": args.system_augment,
-        "under_client_system_messages": under_client,
+        "turn_augment": args.turn_augment,
+        "under_client_system_messages": under.get("client_system"),
+        "under_earlier_turns": under.get("earlier_turns"),
         "shipped_head_on_yardsticks": shipped,
         "seconds": round(time.monotonic() - started, 1),
     }
@@ -243,8 +255,13 @@ def main(argv=None) -> int:
                         help="fit also on copies of the trainable prompts rendered after a "
                              "client system message (refusal_training.system_prompts.TRAIN): "
                              "copies per prompt, e.g. 0.5 (half of them) or 2")
+    parser.add_argument("--turn-augment", type=float, default=1.0,
+                        help="fit also on copies rendered after an earlier exchange of a "
+                             "conversation (refusal_training.conversations.TRAIN; half of them "
+                             "after a system message too): copies per prompt")
     parser.add_argument("--no-client-systems", dest="client_systems", action="store_false",
-                        help="skip the figures under held-out client system messages")
+                        help="skip the figures under held-out client system messages and "
+                             "earlier turns")
     parser.add_argument("--soft-tokens-from", type=Path,
                         help="reuse the refusal vectors of this artefact instead of training them")
     args = parser.parse_args(argv)

@@ -21,6 +21,7 @@ too (it replaces the default and says nothing).
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 
 #: Fitted on (a seeded draw per prompt).
 TRAIN: tuple[str, ...] = (
@@ -70,13 +71,29 @@ HELD_OUT: tuple[str, ...] = (
 )
 
 
-def chat_messages(prompt: str, system: str | None = None) -> list[dict[str, str]]:
-    """The OpenAI chat messages of one user prompt, after ``system`` when one is given:
-    what a client sends, and what the features and ``refusal-gateway eval`` render."""
-    messages = [{"role": "user", "content": prompt}]
-    if system is not None:
-        messages.insert(0, {"role": "system", "content": system})
-    return messages
+@dataclass(frozen=True)
+class Context:
+    """What comes before the user's prompt in a chat: an optional client system message
+    and earlier (user, assistant) exchanges (:mod:`.conversations`)."""
+
+    system: str | None = None
+    earlier: tuple[tuple[str, str], ...] = ()
+
+
+#: What a rendering may come after: nothing (the template's default), a client system
+#: message, or a whole :class:`Context`.
+Before = str | Context | None
+
+
+def chat_messages(prompt: str, before: Before = None) -> list[dict[str, str]]:
+    """The OpenAI chat messages of one user prompt, after ``before`` (a system message, or
+    a :class:`Context`) when one is given: what a client sends, and what the features and
+    ``refusal-gateway eval`` render."""
+    context = before if isinstance(before, Context) else Context(system=before)
+    messages = [] if context.system is None else [{"role": "system", "content": context.system}]
+    for user, assistant in context.earlier:
+        messages += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
+    return [*messages, {"role": "user", "content": prompt}]
 
 
 def draw(texts: tuple[str, ...], n: int, seed: int) -> list[str]:
