@@ -33,6 +33,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict
 
 from .errors import GatewayError
+from .fields import Kind
 
 Rule = Literal["allow", "reject"]
 SYSTEM_ROLES = frozenset({"system", "developer"})
@@ -55,7 +56,7 @@ class RequestRules(BaseModel):
         return self.model_copy(update=other.model_dump(include=other.model_fields_set))
 
 
-def check_request_rules(body: dict[str, Any], kind: str, rules: RequestRules, profile: str | None) -> None:
+def check_request_rules(body: dict[str, Any], kind: Kind, rules: RequestRules, profile: str | None) -> None:
     """403 when ``body`` carries context ``rules`` reject (``kind``: chat or completion)."""
     where = f"profile {profile!r}" if profile else "this server's policy"
     if kind == "completion":
@@ -66,20 +67,18 @@ def check_request_rules(body: dict[str, Any], kind: str, rules: RequestRules, pr
                 "/v1/chat/completions", "prompt", "raw_prompts",
             )  # fmt: skip
         return
-    if rules.assistant_prefill == "reject":
-        kwargs = body.get("chat_template_kwargs")
-        for name, value in PREFILL_FIELDS.items():
-            sources = [(name, body.get(name))]
-            if isinstance(kwargs, dict):  # vLLM lets the request field win; a later one may not
-                sources.append((f"chat_template_kwargs.{name}", kwargs.get(name)))
-            for param, given in sources:
-                if given is value:
-                    raise _forbidden(
-                        f"{where} does not accept an assistant prefill ({param}: "
-                        f"{str(value).lower()}): the refusal decision would be taken inside "
-                        "the client's own text instead of where the assistant's turn starts",
-                        param, "assistant_prefill",
-                    )  # fmt: skip
+    kwargs = body.get("chat_template_kwargs")
+    kwargs = kwargs if isinstance(kwargs, dict) else {}  # vLLM lets the field win; a later one may not
+    prefills = [(param, value) for name, value in PREFILL_FIELDS.items()
+                for param, given in ((name, body.get(name)), (f"chat_template_kwargs.{name}", kwargs.get(name)))
+                if given is value]  # fmt: skip
+    if prefills and rules.assistant_prefill == "reject":
+        param, value = prefills[0]
+        raise _forbidden(
+            f"{where} does not accept an assistant prefill ({param}: {str(value).lower()}): the "
+            "refusal decision would be taken inside the client's own text instead of where the "
+            "assistant's turn starts", param, "assistant_prefill",
+        )  # fmt: skip
     if rules.system_messages == "reject":
         messages = body.get("messages")
         for i, message in enumerate(messages if isinstance(messages, list) else []):

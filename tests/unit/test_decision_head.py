@@ -182,7 +182,7 @@ def test_every_measured_row_is_also_scored_after_a_held_out_system_message(data_
     on_view = recipe.yardsticks(ds, head, views["client_system"])
     assert set(on_view) == {"coconot-heldout", "coconot-contrast", "self-instruct-user"}
     assert on_view["coconot-heldout"]["n"] == ds.measured_mask(["coconot-heldout"]).sum()
-    per = recipe.per_system(ds, view, np.array(systems, dtype=object), names)
+    per = recipe.per_context(ds, view, np.array(systems, dtype=object), names)
     assert set(per) <= {t[:60] for t in HELD_OUT} and sum(v["n"] for v in per.values()) == rows.sum()
 
 

@@ -3,7 +3,7 @@
 A chat client sends the whole conversation, so the request the head decides
 usually comes after earlier exchanges. The head fitted on single user turns
 moved with them: after one greeting ("Hi!" / "Hello! How can I help you
-today?") the shipped head refused 33 % of CoCoNot's held-out half instead of
+today?") the head fitted on single turns refused 33 % of CoCoNot's held-out half instead of
 84 %, and after a question about boiling eggs 47 % (150 prompts, through the
 server; docs/quality/experiments.md, *Earlier turns*). A refusal policy that a
 greeting loosens is a bypass anyone finds.

@@ -17,7 +17,7 @@ import httpx
 
 from .evaluate_decisions import Decision, Settings
 from .evaluate_rows import EvalError
-from .system_prompts import Before, chat_messages
+from .system_prompts import Context, chat_messages
 
 #: vLLM (uvicorn) closes idle keep-alive connections after 5 s; ours expire first.
 KEEPALIVE_S = 4.0
@@ -38,7 +38,7 @@ class Client:
         max_attempts: int = 8,
         progress: bool = True,
         transport: httpx.AsyncBaseTransport | None = None,
-        system: Before = None,
+        before: Context | None = None,
     ):
         base = url.rstrip("/")
         self.transport = transport  # tests: an httpx.MockTransport
@@ -51,7 +51,7 @@ class Client:
         self.progress = progress
         # The deployment's own system message (it replaces the template's default) and
         # earlier turns move the decision (docs/quality/experiments.md): measure under them.
-        self.system = system
+        self.before = before
         self.sent = 0
         self.retries = 0
 
@@ -103,7 +103,7 @@ class Client:
     def body(self, prompt: str, settings: Settings) -> dict[str, Any]:
         return {
             "model": self.model,
-            "messages": chat_messages(prompt, self.system),
+            "messages": chat_messages(prompt, self.before),
             "temperature": 0,
             "max_tokens": 1,  # the first generated token is the decision
             **settings.body(),

@@ -118,7 +118,7 @@ async def run_eval(options: Options) -> dict[str, Any]:
     client = Client(
         options.url, options.model, options.api_key, options.concurrency, options.timeout_s,
         options.max_attempts, options.progress, options.transport,
-        Context(options.system, options.earlier) if options.earlier else options.system,
+        Context(options.system, options.earlier),
     )  # fmt: skip
     settings = options.settings
     started = time.monotonic()

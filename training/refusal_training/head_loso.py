@@ -40,7 +40,8 @@ class Dataset:
     """Every source's prompts with their features and class indices.
 
     Rows may be followed by augmented copies (:meth:`augment`): prompts of the
-    trainable sources again, rendered after a client system message. They are
+    trainable sources again, rendered after a client system message or earlier
+    turns of a conversation. They are
     trained on with their source and never measured."""
 
     def __init__(self, data: dict[str, list[Prompt]], features: np.ndarray, corpus_weight: float = 1.0):
@@ -134,12 +135,13 @@ def pools(ds: Dataset, probs: np.ndarray, names: list[str]) -> dict:
     return out
 
 
-def per_system(ds: Dataset, probs: np.ndarray, systems: np.ndarray, names: list[str]) -> dict:
-    """Greedy rates per client system message (its first 60 characters) over ``names``."""
+def per_context(ds: Dataset, probs: np.ndarray, labels: np.ndarray, names: list[str]) -> dict:
+    """Greedy rates per context label of a view (a system message, or an exchange's first
+    user message; its first 60 characters) over ``names``."""
     rows = ds.measured_mask(names)
     out = {}
-    for text in dict.fromkeys(systems[rows]):
-        these = rows & (systems == text)
+    for text in dict.fromkeys(labels[rows]):
+        these = rows & (labels == text)
         out[text[:60]] = rates(probs[these], ds.y[these] > 0)
     return out
 

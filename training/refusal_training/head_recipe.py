@@ -61,7 +61,7 @@ from .head_loso import (
     earlier_turns_view,
     fit,
     leave_one_source_out,
-    per_system,
+    per_context,
     pools,
     yardsticks,
 )
@@ -130,7 +130,7 @@ def run(args: argparse.Namespace) -> dict:
     for key, (x, labels) in views.items():
         contexts = np.array(labels, dtype=object)
         under[key] = {"all_held_out": pools(ds, p_views[key], names),
-                      "per_context": per_system(ds, p_views[key], contexts, names),
+                      "per_context": per_context(ds, p_views[key], contexts, names),
                       "shipped_head_on_yardsticks": yardsticks(ds, head, x)}  # fmt: skip
     # Above the vocabulary at every decision position trained on, augmented ones included.
     offset = needed_offset(fold(head, u, 0.0), u, ds.x, vocab_max(base, ds.x[:, :d]))
