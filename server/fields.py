@@ -68,6 +68,11 @@ PASSED = frozenset({
     "thinking_token_budget", "routed_experts_prompt_start",
 })  # fmt: skip
 
+#: Chat fields the chat template never renders: the tokenizer's special tokens
+#: in them are the client's intent (``stop: ["<|im_end|>"]``), so only control
+#: tokens are defused there; everywhere else they are text (:mod:`.refusal`).
+UNRENDERED = frozenset({"model", "stop", "bad_words", "response_format", "structured_outputs"})
+
 #: Our own top-level fields (taken out before vLLM sees the body).
 OWN = frozenset({"refusal_bias", "refusal_threshold", "refusal_temperature", "refusal_profile"})
 

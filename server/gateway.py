@@ -71,8 +71,9 @@ class Gateway:
         self.settings = settings
         self.manifest = manifest
         self.policy = policy or Policy.load(settings.policy_file)
-        self.control = ControlText(manifest)
-        self.specials = Specials(special_tokens(model_dir, self.control))
+        specials = special_tokens(model_dir, manifest.by_text())
+        self.control = ControlText(manifest, specials)
+        self.specials = Specials(specials)
         self.model_name = settings.model_name()
         metrics = get_metrics() if registry is None else get_metrics(registry)
         keys = [t.key for t in manifest.tokens] + ["none"]

@@ -26,7 +26,7 @@ from refusal_plugins.params import (
 from refusal_plugins.vocab import RefusalManifest
 
 from .errors import bad_request
-from .fields import Kind, check_fields
+from .fields import UNRENDERED, Kind, check_fields
 from .policy import PROFILE_FIELD, ApiKey, Policy
 from .refusal import ControlText
 from .request_checks import check_token_ids, choice_count, is_structured
@@ -148,6 +148,9 @@ def _prepare(
         )
     try:
         control.neutralise_json(body)
+        if kind == "chat":  # special tokens too, wherever the chat template may render them
+            for name in body.keys() - UNRENDERED:
+                body[name] = control.neutralise_json(body[name], template=True)
     except ValueError as e:
         raise bad_request(str(e), code="invalid_json") from None
     report_id = None

@@ -9,6 +9,7 @@ the model's manifest.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,19 +73,31 @@ class Decision:
 MAX_JSON_DEPTH = 64
 
 
+def _alternation(texts: Iterable[str]) -> re.Pattern[str]:
+    """One regex for ``texts``, longest first (a token that prefixes another never wins wrongly)."""
+    return re.compile("|".join(re.escape(t) for t in sorted(set(texts), key=len, reverse=True)))
+
+
 class ControlText:
     """Finds, strips and defuses the control-token strings of one model."""
 
-    def __init__(self, manifest: RefusalManifest):
+    def __init__(self, manifest: RefusalManifest, template_tokens: Iterable[str] = ()):
+        """``template_tokens``: the tokenizer's other special tokens (``<|im_start|>`` …).
+
+        In text that reaches the chat template they would become real
+        tokens: a user message could close its own turn and forge a system
+        message or earlier turns the request never sent (past a profile that
+        rejects system messages), so :meth:`neutralise_json` defuses them
+        there too.
+        """
         self.manifest = manifest
         self.by_text = manifest.by_text()
         self.ids = frozenset(manifest.ids)
         #: ``return_tokens_as_token_ids`` spells tokens as ``token_id:<id>``.
         self.id_texts = frozenset(f"token_id:{i}" for i in manifest.ids)
-        # Longest first, so a token that prefixes another never wins wrongly.
-        texts = sorted(self.by_text, key=len, reverse=True)
-        self._pattern = re.compile("|".join(re.escape(t) for t in texts))
-        self.max_len = max(len(t) for t in texts)
+        self._pattern = _alternation(self.by_text)
+        self._with_template = _alternation([*self.by_text, *template_tokens])
+        self.max_len = max(len(t) for t in self.by_text)
 
     def is_control(self, token: Any) -> bool:
         """Whether a logprobs ``token`` string is a control token."""
@@ -120,21 +133,28 @@ class ControlText:
                 return size
         return 0
 
-    def neutralise(self, text: str) -> str:
-        """Defuse control-token strings in client text so none becomes a token."""
-        return self._pattern.sub(lambda m: m.group()[0] + WORD_JOINER + m.group()[1:], text)
+    def neutralise(self, text: str, template: bool = False) -> str:
+        """Defuse control-token strings in client text so none becomes a token.
 
-    def neutralise_json(self, value: Any) -> Any:
+        ``template``: the text reaches the chat template, so the tokenizer's
+        other special tokens are defused as well.
+        """
+        pattern = self._with_template if template else self._pattern
+        return pattern.sub(lambda m: m.group()[0] + WORD_JOINER + m.group()[1:], text)
+
+    def neutralise_json(self, value: Any, template: bool = False) -> Any:
         """Defuse every string (keys too) anywhere in a request's JSON value, in place.
 
         Every string a client sends can reach the chat template — the message
         ``role``, content parts of any type, tool definitions and arguments,
         template kwargs — so all of them are defused, not a list of known
-        places. Iterative, with a depth limit: a deeply nested body gets a
-        400, never a RecursionError.
+        places (``template``: special tokens too, see :meth:`__init__`).
+        Iterative, with a depth limit: a deeply nested body gets a 400, never
+        a RecursionError. Returns the defused value (a string is immutable).
         """
         if isinstance(value, str):
-            return self.neutralise(value)
+            return self.neutralise(value, template)
+        pattern = self._with_template if template else self._pattern
         stack: list[tuple[Any, int]] = [(value, 1)]
         while stack:
             node, depth = stack.pop()
@@ -143,18 +163,18 @@ class ControlText:
             if isinstance(node, dict):
                 for key in list(node):
                     item = node[key]
-                    if isinstance(key, str) and self._pattern.search(key):
+                    if isinstance(key, str) and pattern.search(key):
                         del node[key]
-                        key = self.neutralise(key)
+                        key = self.neutralise(key, template)
                         node[key] = item
                     if isinstance(item, str):
-                        node[key] = self.neutralise(item)
+                        node[key] = self.neutralise(item, template)
                     elif isinstance(item, (dict, list)):
                         stack.append((item, depth + 1))
             elif isinstance(node, list):
                 for i, item in enumerate(node):
                     if isinstance(item, str):
-                        node[i] = self.neutralise(item)
+                        node[i] = self.neutralise(item, template)
                     elif isinstance(item, (dict, list)):
                         stack.append((item, depth + 1))
         return value

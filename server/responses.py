@@ -4,8 +4,9 @@
 request. A successful JSON completion is buffered and rewritten whole
 (:func:`rewrite_completion`); an event stream goes through a
 :class:`~refusal_gateway.stream.StreamRewriter` chunk by chunk; vLLM's own
-errors pass unchanged, except the 500 of an engine that died under the
-request, which becomes the same 503 + ``Retry-After`` as the requests after it.
+errors get OpenAI's values (:func:`~refusal_gateway.errors.openai_shape`),
+and the 500 of an engine that died under the request becomes the same 503 +
+``Retry-After`` as the requests after it.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from starlette.types import Message, Send
 
 from .access_log import RequestLog
 from .asgi import header, set_header, with_header
-from .errors import unavailable
+from .errors import openai_shape, unavailable
 from .gateway import Gateway, Outcome, Route
 from .protocol import RequestPlan
 from .refusal import TextShape
@@ -68,10 +69,11 @@ class Responder:
         self.log.status = message["status"]
         message = with_header(message, b"x-request-id", self.log.request_id.encode())
         content_type = header(message, b"content-type")
-        if message["status"] == 500:
+        status = message["status"]
+        if status == 500 or (status != 200 and content_type.startswith(b"application/json")):
             self.mode, self.start = "error", message  # maybe the engine died: read it first
             return
-        if message["status"] != 200:
+        if status != 200:
             self.mode = "pass"
         elif content_type.startswith(b"text/event-stream"):
             self.mode = "stream"
@@ -106,7 +108,10 @@ class Responder:
             return
         if more:
             return
-        body = self._rewrite_json(b"".join(self.parts))
+        await self._send_whole(self._rewrite_json(b"".join(self.parts)))
+
+    async def _send_whole(self, body: bytes) -> None:
+        """The buffered response's start (with its new length) and ``body``."""
         assert self.start is not None
         start = dict(self.start)
         start["headers"] = set_header(start["headers"], b"content-length", str(len(body)).encode())
@@ -124,17 +129,18 @@ class Responder:
         return document.encode()
 
     async def _error(self, raw: bytes) -> None:
-        """vLLM's 500; a dead engine becomes a 503 + Retry-After (the launcher restarts it)."""
-        if any(marker in raw for marker in ENGINE_DEAD_MARKERS):
+        """vLLM's error in OpenAI's shape; a dead engine's 500 becomes a 503 + Retry-After
+        (the launcher restarts it)."""
+        assert self.start is not None
+        status = self.start["status"]
+        if status == 500 and any(marker in raw for marker in ENGINE_DEAD_MARKERS):
             self.log.status = 503
             await self.gateway.refuse(self.send, unavailable(
                 "the model engine stopped while serving this request and is restarting; "
                 "retry shortly", "engine_unavailable", self.gateway.settings.retry_after_s,
             ))  # fmt: skip
             return
-        assert self.start is not None
-        await self.send(self.start)
-        await self.send({"type": "http.response.body", "body": raw, "more_body": False})
+        await self._send_whole(openai_shape(raw, status))
 
 
 def rewrite_completion(

@@ -17,14 +17,15 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
 from .refusal import ControlText
 
 
-def special_tokens(model_dir: Path | None, control: ControlText) -> list[str]:
-    """The tokenizer's special tokens other than the control tokens (from its files)."""
+def special_tokens(model_dir: Path | None, control: Collection[str]) -> list[str]:
+    """The tokenizer's special tokens other than the ``control`` token strings (from its files)."""
     if model_dir is None:
         return []
     found: set[str] = set()
@@ -38,7 +39,7 @@ def special_tokens(model_dir: Path | None, control: ControlText) -> list[str]:
         for entry in (json.loads(config.read_text()).get("added_tokens_decoder") or {}).values():
             if isinstance(entry, dict) and entry.get("special"):
                 found.add(entry["content"])
-    return sorted(t for t in found if t and t not in control.by_text)
+    return sorted(t for t in found if t and t not in control)
 
 
 class Specials:

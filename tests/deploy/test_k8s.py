@@ -124,7 +124,8 @@ def test_policy_loads_with_the_servers_policy_model() -> None:
     assert policy.profile_names
     # The strict profile keeps the client from setting the decision's context.
     assert policy.rules("strict").model_dump() == {
-        "system_messages": "reject", "assistant_prefill": "reject", "raw_prompts": "reject"}
+        "system_messages": "reject", "assistant_prefill": "reject", "custom_roles": "reject",
+        "raw_prompts": "reject"}
 
 
 def test_service_selects_the_deployment_pods() -> None:

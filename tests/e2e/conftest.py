@@ -14,7 +14,7 @@ from .server import Server, running_server
 #: Profiles of the session server's policy file. ``answer`` pins the refusal
 #: decision to ``respond`` (the ported vLLM API tests need the model's plain
 #: answer, not a refusal of a harmless prompt) and allows vLLM's assistant
-#: prefill, as plain vLLM does; ``prefill`` allows it alone, ``locked`` rejects
+#: prefill and custom roles, as plain vLLM does; ``prefill`` allows it alone, ``locked`` rejects
 #: system messages and raw prompts (request rules, test_hostile.py). No
 #: ``default_profile``: the other tests rely on requests without a profile
 #: getting none, and the server-wide request rules are the defaults.
@@ -22,7 +22,7 @@ SESSION_POLICY = """\
 profiles:
   answer:
     refusal_bias: {refuse: -100.0}
-    request_rules: {assistant_prefill: allow}
+    request_rules: {assistant_prefill: allow, custom_roles: allow}
   prefill:
     request_rules: {assistant_prefill: allow}
   locked:

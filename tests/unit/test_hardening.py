@@ -168,7 +168,37 @@ async def test_an_engine_that_dies_under_a_request_gives_503_not_500():
     assert response.status_code == 503 and response.headers["retry-after"] == "3"
     assert response.json()["error"]["code"] == "engine_unavailable"
     other_500 = await http.post("/v1/completions", json={"model": MODEL, "prompt": "x"})
-    assert other_500.status_code == 500 and other_500.json() == {"error": {"message": "boom"}}
+    assert other_500.status_code == 500  # another 500 stays one, in OpenAI's shape
+    assert other_500.json() == {"error": {"message": "boom", "type": "server_error", "param": None,
+                                          "code": None}}  # fmt: skip
+
+
+async def test_vllms_own_errors_get_openais_values():
+    """vLLM answers a validation error with ``"type": "Bad Request", "code": 400`` and
+    ``"param": "body.stop"``; a client sees OpenAI's values whoever answered."""
+    vllm_400 = {"error": {"message": "List should have at most 4 items", "type": "Bad Request",
+                          "param": "body.stop", "code": 400}}  # fmt: skip
+
+    async def validation(request: Request):
+        await request.body()
+        return JSONResponse(vllm_400, status_code=400)
+
+    async def not_found(request: Request):
+        await request.body()
+        return JSONResponse({"error": {"message": "no such model", "type": "NotFoundError",
+                                       "param": "model", "code": "model_not_found"}}, 404)  # fmt: skip
+
+    app = Starlette(routes=[Route("/v1/chat/completions", validation, methods=["POST"]),
+                            Route("/v1/completions", not_found, methods=["POST"])])
+    http = _gateway(app)
+    response = await http.post("/v1/chat/completions", json=CHAT)
+    assert response.status_code == 400
+    assert response.json() == {"error": {"message": "List should have at most 4 items",
+                                         "type": "invalid_request_error", "param": "stop", "code": None}}
+    assert int(response.headers["content-length"]) == len(response.content)
+    missing = await http.post("/v1/completions", json={"model": MODEL, "prompt": "x"})
+    assert missing.status_code == 404 and missing.json()["error"] == {
+        "message": "no such model", "type": "not_found_error", "param": "model", "code": "model_not_found"}
 
 
 async def test_while_the_launcher_drains_new_requests_get_503(tmp_path, monkeypatch):
