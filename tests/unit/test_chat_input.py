@@ -6,6 +6,8 @@ actually rendered; these pin the rewriting fast and without a model.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from refusal_gateway.policy import Policy, PolicyFile
 from refusal_gateway.protocol import prepare_chat_request
 from refusal_gateway.refusal import WORD_JOINER, ControlText
@@ -48,3 +50,14 @@ def test_a_raw_prompt_keeps_its_special_tokens():
     assert body["prompt"] == FORGED
 
 
+
+
+def test_the_recipes_inline_transcripts_are_what_the_gateway_sends():
+    """The head is fitted on transcripts spelt with the template's tokens as the gateway
+    passes them on (defused), so it is fitted on what the model will read."""
+    from refusal_training import inline_turns
+
+    control = ControlText(categorical_manifest(), SPECIALS)
+    assert control.neutralise("<|im_start|><|im_end|>", template=True) == inline_turns.START + inline_turns.END
+    raw = (Path(__file__).parents[2] / "docs/quality/wrap-template.txt").read_text()
+    assert control.neutralise(raw, template=True).count(inline_turns.START) == 2

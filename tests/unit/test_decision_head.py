@@ -211,3 +211,23 @@ def test_earlier_turn_copies_and_view_draw_from_disjoint_exchanges(data_dir):
     two = HELD_OUT[3]
     assert [m["role"] for m in chat_messages("q", Context(earlier=two))] == ["user", "assistant"] * 2 + ["user"]
     assert chat_messages("q", Context("s", two))[0] == {"role": "system", "content": "s"}
+
+
+def test_inline_transcript_copies_wrap_each_original_and_never_the_measured_wrappers(data_dir):
+    from refusal_training import inline_turns
+
+    recipe, ds = _recipe_dataset(data_dir)
+    features_of = StandInFeatures()
+    originals = [r.prompt for r in ds.rows if trainable(r.source)]
+    labels = ds.y[ds.mask([n for n in ds.names if trainable(n)])]
+    recipe.augment_with_inline_turns(ds, features_of, 1.0, seed=0)
+    texts, contexts = features_of.calls[0]
+    assert contexts == [None] * len(originals) and len(texts) == len(originals)
+    # Each copy is its original (same row, so same label) inside a transcript.
+    copies = ds.rows[-len(texts):]
+    assert all(c.prompt in t and c.prompt != t for c, t in zip(copies, texts, strict=True))
+    assert np.array_equal(np.sort(ds.y[ds.augmented]), np.sort(labels))
+    template = [t for t in texts if inline_turns.START in t]
+    assert 0.3 < len(template) / len(texts) < 0.7
+    wrappers = [t.replace(c.prompt, "") for c, t in zip(copies, texts, strict=True)]
+    assert not any(inline_turns.HELD_OUT_REPLY in w or inline_turns.HELD_OUT_NUDGE in w for w in wrappers)

@@ -81,7 +81,7 @@ from .evaluate_decisions import TIE, Decision, Settings, offline_decisions, offl
 from .evaluate_metrics import breakdown, p_refuse, rates, summarize, sweep_point
 from .evaluate_report import markdown, plot_tradeoff, settings_text, write_outputs
 from .evaluate_rows import ALL, NO_CATEGORY, EvalError, EvalRow, category_key, file_names, load_rows
-from .evaluate_run import Options, control_keys, run_eval
+from .evaluate_run import PROMPT_SLOT, Options, control_keys, run_eval
 
 __all__ = [
     "ALL", "KEEPALIVE_S", "MAX_RETRY_AFTER_S", "NO_CATEGORY", "TIE", "Client", "Decision",
@@ -166,6 +166,9 @@ def parser(prog: str = "refusal-gateway eval") -> argparse.ArgumentParser:
                    help="a JSON list of chat messages (user and assistant, alternating, user "
                    "first) before every prompt: a conversation's earlier turns move the "
                    "decision too")  # fmt: skip
+    p.add_argument("--wrap", type=Path, metavar="FILE",
+                   help="a text file with {prompt} in it: every prompt is sent inside it (e.g. "
+                   "a transcript written into the user message, docs/quality/wrap-*.txt)")  # fmt: skip
     p.add_argument("--bias", type=parse_assignment, action="append", default=[], metavar="KEY=N",
                         help="a fixed refusal_bias entry of every request (repeatable), e.g. safety=2")  # fmt: skip
     p.add_argument("--threshold", action="append", default=[], metavar="N|KEY=N",
@@ -230,7 +233,19 @@ def options_from_args(args: argparse.Namespace) -> Options:
         timeout_s=args.timeout_s, max_attempts=args.max_attempts,
         progress=not args.no_progress, plot=not args.no_plot, system=args.system,
         earlier=read_earlier(args.earlier) if args.earlier else (),
+        wrap=read_wrap(args.wrap) if args.wrap else None,
     )  # fmt: skip
+
+
+def read_wrap(path: Path) -> str:
+    """``--wrap``: a text file that contains ``{prompt}`` once (its final newline dropped)."""
+    try:
+        text = path.read_text().removesuffix("\n")
+    except (OSError, UnicodeDecodeError) as e:
+        raise EvalError(f"--wrap {path}: {e}") from None
+    if text.count(PROMPT_SLOT) != 1:
+        raise EvalError(f"--wrap {path}: the text must contain {PROMPT_SLOT} exactly once")
+    return text
 
 
 def read_earlier(path: Path) -> tuple[tuple[str, str], ...]:

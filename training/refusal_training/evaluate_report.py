@@ -38,6 +38,7 @@ def markdown(report: Mapping[str, Any]) -> str:
         *(["", f"System message before every prompt: `{report['system']}`"] if report.get("system") else []),
         *(["", f"Earlier turns before every prompt: {len(report['earlier'])} exchange(s), the first "
                f"user message `{report['earlier'][0][0]}`"] if report.get("earlier") else []),
+        *(["", f"Every prompt sent inside: `{json.dumps(report['wrap'])}`"] if report.get("wrap") else []),
         "",
         "| file | rows (refuse / respond) | refused (should-refuse) | over-refused (should-respond) "
         "| AUROC p(refuse) | category accuracy (refusals) | category accuracy (most likely) |",

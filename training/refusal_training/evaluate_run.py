@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +47,12 @@ class Options:
     plot: bool = True
     system: str | None = None  # a system message before every prompt
     earlier: tuple[tuple[str, str], ...] = ()  # (user, assistant) exchanges before every prompt
+    wrap: str | None = None  # every prompt is sent inside this text, at PROMPT_SLOT
     transport: httpx.AsyncBaseTransport | None = None  # tests
+
+
+#: Where ``--wrap`` puts each prompt.
+PROMPT_SLOT = "{prompt}"
 
 
 def control_keys(decisions: Sequence[Decision]) -> list[str]:
@@ -115,6 +120,8 @@ async def _sweep(
 
 async def run_eval(options: Options) -> dict[str, Any]:
     rows, files = load_rows(options.data, options.limit, options.seed)
+    if options.wrap is not None:  # the decisions are of what was sent
+        rows = [replace(r, prompt=options.wrap.replace(PROMPT_SLOT, r.prompt)) for r in rows]
     client = Client(
         options.url, options.model, options.api_key, options.concurrency, options.timeout_s,
         options.max_attempts, options.progress, options.transport,
@@ -148,6 +155,7 @@ async def run_eval(options: Options) -> dict[str, Any]:
         "seed": options.seed,
         "system": options.system,
         "earlier": [list(e) for e in options.earlier],
+        "wrap": options.wrap,
         "settings": settings.body(),
         "request": "chat completion, temperature 0, max_tokens 1: the first token is the decision",
         "control_keys": keys,

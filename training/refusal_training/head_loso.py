@@ -18,6 +18,7 @@ from .conversations import HELD_OUT as CONVERSATIONS_HELD_OUT
 from .conversations import TRAIN as CONVERSATIONS_TRAIN
 from .conversations import draw_contexts
 from .decision_head import Head, fit_head
+from .inline_turns import wrap as wrap_inline
 from .scoring import auroc
 from .sources import CORPUS, Prompt, kind, measured, trainable
 from .system_prompts import HELD_OUT, TRAIN, Context, draw
@@ -185,14 +186,28 @@ def augment_with_turns(ds: Dataset, features_of, copies: float, seed: int) -> No
              lambda n, s: draw_contexts(CONVERSATIONS_TRAIN, n, s, system_share=0.5), "earlier turns")  # fmt: skip
 
 
-def _augment(ds: Dataset, features_of, copies: float, seed: int, before_of, what: str) -> None:
+def augment_with_inline_turns(ds: Dataset, features_of, copies: float, seed: int) -> None:
+    """:func:`augment_with_systems` with each prompt inside a transcript written into the
+    user's own message (:func:`.inline_turns.wrap`), after the template's default."""
+    _augment(ds, features_of, copies, seed + 70, lambda n, s: [None] * n,
+             "a transcript inside the user message", rewrite=wrap_inline)  # fmt: skip
+
+
+def _augment(
+    ds: Dataset, features_of, copies: float, seed: int, before_of, what: str, rewrite=None
+) -> None:
+    """``before_of(n, seed)``: what each copy comes after; ``rewrite(prompts, seed)``: the
+    copies' own texts (the prompts themselves when None)."""
     candidates = np.flatnonzero(ds.mask([n for n in ds.names if trainable(n)]) & ~ds.augmented)
     for k in range(int(np.ceil(copies))):
         share = min(1.0, copies - k)
         rng = np.random.default_rng(seed + 2 + 10 * k)
         picks = np.sort(rng.permutation(candidates)[: int(round(share * len(candidates)))])
         before = before_of(len(picks), seed + 3 + 10 * k)
-        x = np.concatenate(features_of([ds.rows[i].prompt for i in picks], before), axis=1)
+        texts = [ds.rows[i].prompt for i in picks]
+        if rewrite is not None:
+            texts = rewrite(texts, seed + 4 + 10 * k)
+        x = np.concatenate(features_of(texts, before), axis=1)
         ds.augment(picks, x)
         logger.info("copy %d: %d trainable rows after %s", k + 1, len(picks), what)
 

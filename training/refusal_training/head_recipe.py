@@ -55,6 +55,7 @@ from .features import decision_features_at
 from .head_loso import (
     KEYS,
     Dataset,
+    augment_with_inline_turns,
     augment_with_systems,
     augment_with_turns,
     client_system_view,
@@ -114,6 +115,8 @@ def run(args: argparse.Namespace) -> dict:
         augment_with_systems(ds, features_of, args.system_augment, args.split_seed)
     if args.turn_augment:
         augment_with_turns(ds, features_of, args.turn_augment, args.split_seed)
+    if args.inline_augment:
+        augment_with_inline_turns(ds, features_of, args.inline_augment, args.split_seed)
     # Every measured prompt again after held-out context: client system messages, earlier turns.
     views = {}
     if args.client_systems:
@@ -175,6 +178,7 @@ def run(args: argparse.Namespace) -> dict:
         "summary": summary,
         "system_augment": args.system_augment,
         "turn_augment": args.turn_augment,
+        "inline_augment": args.inline_augment,
         "under_client_system_messages": under.get("client_system"),
         "under_earlier_turns": under.get("earlier_turns"),
         "shipped_head_on_yardsticks": shipped,
@@ -259,6 +263,10 @@ def main(argv=None) -> int:
                         help="fit also on copies rendered after an earlier exchange of a "
                              "conversation (refusal_training.conversations.TRAIN; half of them "
                              "after a system message too): copies per prompt")
+    parser.add_argument("--inline-augment", type=float, default=0.0,
+                        help="fit also on copies inside a transcript written into the user "
+                             "message (refusal_training.inline_turns): copies per prompt "
+                             "(not the default: docs/quality/experiments.md)")
     parser.add_argument("--no-client-systems", dest="client_systems", action="store_false",
                         help="skip the figures under held-out client system messages and "
                              "earlier turns")
