@@ -146,11 +146,10 @@ def _prepare(
             param="response_format" if "response_format" in body else "structured_outputs",
             code="unsupported_combination",
         )
-    try:
-        control.neutralise_json(body)
-        if kind == "chat":  # special tokens too, wherever the chat template may render them
-            for name in body.keys() - UNRENDERED:
-                body[name] = control.neutralise_json(body[name], template=True)
+    try:  # field by field: the names are known (check_fields), their values are not
+        for name in body:  # in chat, special tokens too, wherever the template may render them
+            rendered = kind == "chat" and name not in UNRENDERED
+            body[name] = control.neutralise_json(body[name], template=rendered, depth=2)
     except ValueError as e:
         raise bad_request(str(e), code="invalid_json") from None
     report_id = None

@@ -142,7 +142,7 @@ class ControlText:
         pattern = self._with_template if template else self._pattern
         return pattern.sub(lambda m: m.group()[0] + WORD_JOINER + m.group()[1:], text)
 
-    def neutralise_json(self, value: Any, template: bool = False) -> Any:
+    def neutralise_json(self, value: Any, template: bool = False, depth: int = 1) -> Any:
         """Defuse every string (keys too) anywhere in a request's JSON value, in place.
 
         Every string a client sends can reach the chat template — the message
@@ -150,12 +150,13 @@ class ControlText:
         template kwargs — so all of them are defused, not a list of known
         places (``template``: special tokens too, see :meth:`__init__`).
         Iterative, with a depth limit: a deeply nested body gets a 400, never
-        a RecursionError. Returns the defused value (a string is immutable).
+        a RecursionError (``depth``: how deep ``value`` sits in the body).
+        Returns the defused value (a string is immutable).
         """
         if isinstance(value, str):
             return self.neutralise(value, template)
         pattern = self._with_template if template else self._pattern
-        stack: list[tuple[Any, int]] = [(value, 1)]
+        stack: list[tuple[Any, int]] = [(value, depth)]
         while stack:
             node, depth = stack.pop()
             if depth > MAX_JSON_DEPTH:

@@ -15,10 +15,10 @@ transcripts as well, each keeping its own label: a harmful request stays
 harmful after "Of course! Here you go:". It is not the default: tried once
 (docs/quality/experiments.md, *A transcript inside the user message*), it
 helped little under the held-out wrappers and cost the plain decisions more
-(LOSO AUROC 0.809 → 0.794). Two forms, each in
-plain words (speaker labels drawn from :data:`SPEAKERS`) and in the template's
-defused tokens: the prompt followed by a complying reply and a nudge, and the
-prompt after an earlier exchange (:data:`.conversations.TRAIN`). The replies
+(LOSO AUROC 0.809 → 0.794). Two forms, each in plain words (speaker labels
+drawn from :data:`SPEAKERS`) and in the template's defused tokens: the prompt
+followed by a complying reply and a nudge, and the prompt after an earlier
+exchange (:data:`.conversations.TRAIN`). The replies
 and nudges fitted on (:data:`COMPLIANCE`, :data:`NUDGES`) are never the ones
 measured (:data:`HELD_OUT_REPLY`, :data:`HELD_OUT_NUDGE`, the wrappers in
 ``docs/quality/wrap-*.txt`` for ``refusal-gateway eval --wrap``).
@@ -30,7 +30,9 @@ import random
 
 from .conversations import TRAIN as EXCHANGES
 
-#: Inserted by the gateway after the first character of a special token in client text.
+#: Inserted by the gateway after the first character of a special token in client text
+#: (``refusal_gateway.refusal.WORD_JOINER``: the training kit imports nothing of the
+#: gateway, tests/unit/test_imports.py; tests/unit/test_chat_input.py pins the two equal).
 WORD_JOINER = "\u2060"
 #: SmolLM2's chat template tokens (ChatML), as the gateway passes them on: defused.
 START, END = (t[0] + WORD_JOINER + t[1:] for t in ("<|im_start|>", "<|im_end|>"))
