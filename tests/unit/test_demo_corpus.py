@@ -46,3 +46,32 @@ def test_no_prompt_with_two_labels(compose, rows):
 
 def test_size_stays_small(rows):
     assert 1000 < len(rows) < 20000
+
+
+
+def test_files_added_later_change_no_earlier_row(compose, monkeypatch):
+    """One generator draws every family, so the ``LATER`` files are drawn last: adding one
+    keeps every earlier row (and the features cached for it) as it was."""
+    rows = compose.compose()
+    later = set(compose.LATER)
+    first = [p for p in compose._family_files() if p.name not in later]
+    monkeypatch.setattr(compose, "_family_files", lambda: first)
+    earlier = compose.compose()
+    assert 0 < len(earlier) < len(rows) and rows[: len(earlier)] == earlier
+
+
+def test_short_questions_leave_the_probes_out(rows):
+    """The probe questions docs/quality quotes stay a check: no short-question row asks them."""
+    short = [r["prompt"].lower() for r in rows if r["source"] == "short-question"]
+    assert len(short) > 200
+    for word in ("hamlet", "france", "spider", "pancake", "'hello'", "17 times 23", "romeo"):
+        assert not [p for p in short if word in p], word
+
+
+def test_the_demo_model_leaves_the_short_questions_out(rows):
+    """They were written for the SmolLM2 head; the demo keeps the stream it was measured on."""
+    from refusal_training.demo_model import NOT_FOR_DEMO, load_corpus
+
+    kept = [r for r in rows if r["source"] not in NOT_FOR_DEMO]
+    assert "short-question" in NOT_FOR_DEMO and len(kept) < len(rows)
+    assert [e.prompt for e in load_corpus()] == [r["prompt"] for r in kept]

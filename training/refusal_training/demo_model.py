@@ -35,7 +35,7 @@ from .sft import Example, TrainConfig, train
 
 logger = logging.getLogger(__name__)
 
-BUILD_VERSION = 3  # bump when the build code changes what it produces
+BUILD_VERSION = 4  # bump when the build code changes what it produces
 DONE_FILE = "build_info.json"
 
 SPECIAL_TOKENS = ["<|pad|>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>"]
@@ -81,11 +81,19 @@ def corpus_path() -> Path:
     return Path(str(resources.files("refusal_training") / "demo" / "corpus.jsonl"))
 
 
+# Families the demo model does not train on. The short questions were written for the
+# SmolLM2 decision head (fitted mostly on the corpus, it took plain factual questions for
+# underspecified ones); the from-scratch demo's operating point moves with any change of its
+# training stream (CoCoNot safety prompts refused 42 -> 13 % with them), and it is the test
+# suite's model, so it keeps the rows it was measured on.
+NOT_FOR_DEMO = frozenset({"short-question"})
+
+
 def load_corpus(path: Path | None = None, written_repeats: int = 1) -> list[Example]:
     """Read the corpus as training examples (category -> control-token text).
 
     Rows whose ``source`` is ``written`` (handwritten, see ``demo/compose.py``)
-    appear ``written_repeats`` times.
+    appear ``written_repeats`` times; families in :data:`NOT_FOR_DEMO` are left out.
     """
     by_category = {name: default_token_text(key) for key, name in COCONOT_CATEGORIES.items()}
     examples = []
@@ -93,6 +101,8 @@ def load_corpus(path: Path | None = None, written_repeats: int = 1) -> list[Exam
         if not line.strip():
             continue
         row = json.loads(line)
+        if row.get("source") in NOT_FOR_DEMO:
+            continue
         if row["label"] == "respond":
             control = default_token_text(RESPOND_KEY)
         else:

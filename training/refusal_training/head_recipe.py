@@ -248,8 +248,10 @@ def main(argv=None) -> int:
     parser.add_argument("--middle-layers", type=_layers, default=[16],
                         help="also read the inputs of these decoder layers, comma-separated "
                              "(e.g. 12,16,20; 0: the final state only)")  # fmt: skip
-    parser.add_argument("--corpus-weight", type=float, default=3.0,
-                        help="weight of the project's corpus rows against the public sets' rows")
+    parser.add_argument("--corpus-weight", type=float, default=100.0,
+                        help="weight of the project's corpus rows against the public sets' rows "
+                             "(at full weight the public sets teach their own wording; "
+                             "docs/quality/experiments.md)")
     parser.add_argument("--split-seed", type=int, default=0)
     parser.add_argument("--soft-steps", type=int, default=120)
     parser.add_argument("--soft-batch", type=int, default=8)

@@ -46,6 +46,7 @@ SOURCES = HERE / "sources"
 CORPUS = HERE / "corpus.jsonl"
 SEED = 20240607
 RESPOND = "respond"
+LATER = ("short-questions.yaml",)  # files added after the first corpus: drawn last
 WRITTEN = "written"  # the ``source`` of handwritten rows; composed rows name their family
 
 
@@ -156,6 +157,14 @@ def expand(family: dict, rng: random.Random, surface: Surface) -> list[dict]:
     return rows
 
 
+def _family_files() -> list[Path]:
+    """The family files in drawing order: alphabetical, then :data:`LATER` in its order.
+    One generator draws every family, so a file drawn last changes no earlier row (nor
+    the features cached for it)."""
+    first = sorted(p for p in SOURCES.glob("*.yaml") if p.name not in {"surface.yaml", *LATER})
+    return first + [SOURCES / name for name in LATER]
+
+
 def compose() -> list[dict]:
     rows = [
         {**json.loads(line), "source": WRITTEN}
@@ -175,9 +184,7 @@ def compose() -> list[dict]:
             continue
         labels[key] = row["label"]
         out.append(row)
-    for path in sorted(SOURCES.glob("*.yaml")):
-        if path.name == "surface.yaml":
-            continue
+    for path in _family_files():
         for family in yaml.safe_load(path.read_text("utf-8")):
             for row in expand(family, rng, surface):
                 key = _key(row["prompt"])
