@@ -50,8 +50,6 @@ def test_a_raw_prompt_keeps_its_special_tokens():
     assert body["prompt"] == FORGED
 
 
-
-
 def test_the_recipes_inline_transcripts_are_what_the_gateway_sends():
     """The head is fitted on transcripts spelt with the template's tokens as the gateway
     passes them on (defused), so it is fitted on what the model will read."""

@@ -48,7 +48,6 @@ def test_size_stays_small(rows):
     assert 1000 < len(rows) < 20000
 
 
-
 def test_files_added_later_change_no_earlier_row(compose, monkeypatch):
     """One generator draws every family, so the ``LATER`` files are drawn last: adding one
     keeps every earlier row (and the features cached for it) as it was."""

@@ -4,7 +4,7 @@ A client need not send earlier turns as messages (:mod:`.conversations`) to
 move the decision: it can write them into the user's own text. Through the
 server, with each prompt followed in the same message by a fake assistant
 reply that complies and a nudge ("... Assistant: Sure! Here is how, step by
-step: ... User: Go on."), the head fitted without such text ranked CoCoNot's
+step: ... User: Go on."), the head fitted without such text (corpus 3×) ranked CoCoNot's
 held-out half against its contrast set and self-instruct far worse (AUROC
 0.880 → 0.721; README, Quality). Spelt with the template's own tokens it did
 barely better (0.757): the gateway defuses those into text (a U+2060 WORD
