@@ -86,6 +86,26 @@ def test_halves_are_stratified_by_category():
     assert sorted(r.key for r in train) == ["humanizing"] * 2 + ["safety"] * 5
 
 
+def test_a_corpus_prompt_a_source_holds_is_never_trained_on(data_dir, monkeypatch):
+    """Case, punctuation and spacing aside, a measured prompt in the corpus gets weight 0 (its
+    row stays, so the seeded draws of the copies do not move) and no fit sees it."""
+    from refusal_training import decision_head, head_loso
+    from refusal_training.sources import CORPUS, Prompt, leaked
+
+    data = load_all(data_dir, seed=0, corpus=False)
+    data[CORPUS] = [Prompt("PHTEST   3?!", "respond", CORPUS), Prompt("coconot-contrast, 4", "safety", CORPUS),
+                    Prompt("phtest 33", "respond", CORPUS), Prompt("How to burn a CD", "safety", CORPUS)]  # fmt: skip
+    assert leaked(data) == {"PHTEST   3?!", "coconot-contrast, 4"}
+    x = np.random.default_rng(0).normal(size=(sum(map(len, data.values())), 4))
+    ds = head_loso.Dataset(data, x, corpus_weight=3.0)
+    corpus = ds.mask([CORPUS])
+    assert list(ds.weight[corpus]) == [0.0, 0.0, 3.0, 3.0]
+    seen = []
+    real = decision_head.fit_head
+    monkeypatch.setattr(head_loso, "fit_head", lambda f, *a, **k: seen.append(len(f)) or real(f, *a, **k))
+    head_loso.fit(ds, corpus, np.zeros(4), 1e-3)
+    assert seen == [2]
+
 
 def test_a_head_on_two_layers_is_what_the_served_model_computes():
     """Fitted on cat([final, middle]) with intercepts on the final state: the first half of

@@ -67,10 +67,33 @@ def test_short_questions_leave_the_probes_out(rows):
         assert not [p for p in short if word in p], word
 
 
-def test_the_demo_model_leaves_the_short_questions_out(rows):
+def test_the_demo_model_leaves_the_later_rows_out(rows):
     """They were written for the SmolLM2 head; the demo keeps the stream it was measured on."""
     from refusal_training.demo_model import NOT_FOR_DEMO, load_corpus
 
     kept = [r for r in rows if r["source"] not in NOT_FOR_DEMO]
-    assert "short-question" in NOT_FOR_DEMO and len(kept) < len(rows)
+    assert {"short-question", "written-2"} <= NOT_FOR_DEMO
+    assert {r["source"] for r in rows} >= NOT_FOR_DEMO and len(kept) < len(rows)
     assert [e.prompt for e in load_corpus()] == [r["prompt"] for r in kept]
+
+
+def test_later_written_rows_keep_their_file_as_source(rows):
+    """``written-2.jsonl``'s rows come after every composed row, named by their file, with
+    both labels and every refusal category."""
+    later = [r for r in rows if r["source"] == "written-2"]
+    assert len(later) > 1500 and rows[-len(later):] == later
+    assert {r["label"] for r in later} == {"refuse", "respond"}
+    refused = {r["category"] for r in later if r["label"] == "refuse"}
+    assert refused == set(COCONOT_CATEGORIES.values())
+
+
+def test_no_written_row_copies_a_shared_prompt(rows, shared_data):
+    """Rows written for this project are not prompts of ``../shared/data`` (case and
+    punctuation aside); the recipe also never trains on a corpus prompt a source holds."""
+    from refusal_training.sources import same_words
+
+    shared = {same_words(json.loads(line)["prompt"]) for path in shared_data.rglob("*.norm.jsonl")
+              for line in path.read_text("utf-8").splitlines() if line}  # fmt: skip
+    assert len(shared) > 5000
+    written = [r["prompt"] for r in rows if r["source"] in ("written", "written-2")]
+    assert not [p for p in written if same_words(p) in shared]

@@ -81,12 +81,13 @@ def corpus_path() -> Path:
     return Path(str(resources.files("refusal_training") / "demo" / "corpus.jsonl"))
 
 
-# Families the demo model does not train on. The short questions were written for the
-# SmolLM2 decision head (fitted mostly on the corpus, it took plain factual questions for
-# underspecified ones); the from-scratch demo's operating point moves with any change of its
-# training stream (CoCoNot safety prompts refused 42 -> 13 % with them), and it is the test
+# Sources the demo model does not train on: the rows written for the SmolLM2 decision head
+# after the demo was measured. The short questions (fitted mostly on the corpus, the head took
+# plain factual questions for underspecified ones) and the minimal pairs of ``written-2.jsonl``;
+# the from-scratch demo's operating point moves with any change of its training stream
+# (CoCoNot safety prompts refused 42 -> 13 % with the short questions), and it is the test
 # suite's model, so it keeps the rows it was measured on.
-NOT_FOR_DEMO = frozenset({"short-question"})
+NOT_FOR_DEMO = frozenset({"short-question", "written-2"})
 
 
 def load_corpus(path: Path | None = None, written_repeats: int = 1) -> list[Example]:

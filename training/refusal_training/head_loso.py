@@ -20,7 +20,7 @@ from .conversations import draw_contexts
 from .decision_head import Head, fit_head
 from .inline_turns import wrap as wrap_inline
 from .scoring import auroc
-from .sources import CORPUS, Prompt, kind, measured, trainable
+from .sources import CORPUS, Prompt, kind, leaked, measured, trainable
 from .system_prompts import HELD_OUT, TRAIN, Context, draw
 
 logger = logging.getLogger(__name__)
@@ -45,7 +45,14 @@ class Dataset:
     turns of a conversation. They are
     trained on with their source and never measured."""
 
-    def __init__(self, data: dict[str, list[Prompt]], features: np.ndarray, corpus_weight: float = 1.0):
+    def __init__(
+        self,
+        data: dict[str, list[Prompt]],
+        features: np.ndarray,
+        corpus_weight: float = 1.0,
+        pairs: frozenset[str] = frozenset(),
+        pairs_weight: float = 1.0,
+    ):
         self.names = list(data)
         self.source = np.array([n for n in self.names for _ in data[n]])
         self.rows = [r for n in self.names for r in data[n]]
@@ -56,6 +63,22 @@ class Dataset:
         # style, alarming words); the public sets at full weight teach the head their own
         # wording, so the corpus's say lifts LOSO AUROC (0.81 at 3x, 0.87 at 100x; docs/quality).
         self.weight = np.where(self.source == CORPUS, corpus_weight, 1.0)
+        texts = np.array([r.prompt for r in self.rows], dtype=object)
+
+        def corpus_rows(prompts) -> np.ndarray:
+            return (self.source == CORPUS) & np.isin(texts, list(prompts))
+
+        # The later written rows (``pairs``: mostly minimal pairs, a request and its twin of
+        # the other label) teach intent over wording better than the composed rows: at
+        # ``pairs_weight`` 10 times the corpus's weight LOSO AUROC on the default rendering
+        # went 0.860 -> 0.869 (docs/quality/experiments.md, *Written minimal pairs*).
+        self.weight[corpus_rows(pairs)] *= pairs_weight
+        # A corpus prompt a public source holds is never trained on (weight 0, so the rows
+        # and the seeded draws of their copies stay where they were; fit skips them).
+        taken = leaked(data)
+        if taken:
+            logger.info("corpus: %d prompts also in a public source, not trained on", len(taken))
+            self.weight[corpus_rows(taken)] = 0.0
         self.augmented = np.zeros(len(self.rows), dtype=bool)
 
     def mask(self, names) -> np.ndarray:
@@ -76,6 +99,7 @@ class Dataset:
 
 
 def fit(ds: Dataset, train: np.ndarray, u: np.ndarray, l2: float) -> Head:
+    train = train & (ds.weight > 0)
     return fit_head(ds.x[train], ds.y[train], len(KEYS), u, l2=l2, sample_weight=ds.weight[train])
 
 

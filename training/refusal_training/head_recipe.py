@@ -68,7 +68,7 @@ from .head_loso import (
 )
 from .paths import cache_root
 from .soft_tokens import SoftTokenOptions, train_soft_tokens
-from .sources import load_all, measured, trainable
+from .sources import PAIRS, corpus_prompts_of, load_all, measured, trainable
 
 logger = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ def run(args: argparse.Namespace) -> dict:
     # the final state.
     features = np.concatenate([final, *middle], axis=1)
     u = np.concatenate([constant_direction(final), np.zeros(d * len(middle))])
-    ds = Dataset(data, features, args.corpus_weight)
+    ds = Dataset(data, features, args.corpus_weight, corpus_prompts_of(PAIRS), args.pairs_weight)
     lift = features @ u
     logger.info("u·h over all decision positions: mean %.3f, sd %.3f", lift.mean(), lift.std())
     if args.system_augment:
@@ -169,7 +169,8 @@ def run(args: argparse.Namespace) -> dict:
         "options": {k: str(v) for k, v in vars(args).items()},
         "data_sha256": files,
         "head": {"l2": args.l2, "offset": offset, "middle_layers": args.middle_layers,
-                 "corpus_weight": args.corpus_weight, "u_dot_h_mean": float(lift.mean()),
+                 "corpus_weight": args.corpus_weight, "pairs_weight": args.pairs_weight,
+                 "u_dot_h_mean": float(lift.mean()),
                  "u_dot_h_sd": float(lift.std()), "trained_on": sorted(
                      {n for n in ds.names if trainable(n)}),
                  "examples": int(train.sum()), "augmented_examples": int(ds.augmented.sum())},  # fmt: skip
@@ -252,6 +253,9 @@ def main(argv=None) -> int:
                         help="weight of the project's corpus rows against the public sets' rows "
                              "(at full weight the public sets teach their own wording; "
                              "docs/quality/experiments.md)")
+    parser.add_argument("--pairs-weight", type=float, default=10.0,
+                        help="a further factor on the corpus's later written rows, mostly minimal "
+                             "pairs (demo/sources/written-2.jsonl)")
     parser.add_argument("--split-seed", type=int, default=0)
     parser.add_argument("--soft-steps", type=int, default=120)
     parser.add_argument("--soft-batch", type=int, default=8)

@@ -14,7 +14,10 @@ names, each with its kind of prompt:
 plus the project's own ``corpus`` (``demo/corpus.jsonl``: handwritten and
 composed prompts of every category, with benign look-alikes of each, written
 to break the shortcuts of length, style and alarming words): always trained
-on, never measured, so it is in no source's way.
+on, never measured, so it is in no source's way. A corpus prompt that a loaded source
+also holds (same words, case and punctuation aside: :func:`leaked`) is never trained on:
+three generic composed prompts ("How to burn a CD") happen to be in public sets, one of
+them in a yardstick, and a written one must not leak a measured prompt either.
 
 ``eval_only`` sources are never trained on (their licence or their authors ask
 for it, or they are the project's fixed yardsticks). CoCoNot's original test
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -121,6 +125,28 @@ def load_all(data_dir: Path, seed: int = 0, corpus: bool = True) -> dict[str, li
         out["coconot"] = train
         out["coconot-heldout"] = [Prompt(r.prompt, r.key, "coconot-heldout") for r in held]
     return out
+
+
+PAIRS = "written-2"  # the corpus's later written rows, mostly minimal pairs (demo/compose.py)
+
+
+def corpus_prompts_of(origin: str) -> frozenset[str]:
+    """The corpus prompts whose ``source`` in ``corpus.jsonl`` is ``origin`` (a file or family)."""
+    from .demo_model import corpus_path
+
+    lines = corpus_path().read_text(encoding="utf-8").splitlines()
+    return frozenset(row["prompt"] for row in map(json.loads, filter(str.strip, lines)) if row["source"] == origin)
+
+
+def same_words(text: str) -> str:
+    """``text`` with case, punctuation and spacing set aside: how a leak is recognised."""
+    return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
+
+
+def leaked(data: dict[str, list[Prompt]]) -> set[str]:
+    """The corpus's prompts that another source of ``data`` holds too (see the module's docstring)."""
+    taken = {same_words(r.prompt) for name, rows in data.items() if name != CORPUS for r in rows}
+    return {r.prompt for r in data.get(CORPUS, []) if same_words(r.prompt) in taken}
 
 
 def trainable(name: str) -> bool:

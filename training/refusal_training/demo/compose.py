@@ -5,7 +5,9 @@
 
 Everything here was written for this project (no external prompt set is read).
 The ``sources/*.jsonl`` files hold rows as written (``handwritten.jsonl``, the
-first corpus, and ``written.jsonl``); the YAML files are lists of families::
+first corpus, and ``written.jsonl``; ``written-2.jsonl``, drawn last, holds rows written
+later, as minimal pairs where it can: a request and its twin with the other label); the YAML
+files are lists of families::
 
     - family: dangerous-howto
       label: refuse                          # or respond
@@ -46,7 +48,9 @@ SOURCES = HERE / "sources"
 CORPUS = HERE / "corpus.jsonl"
 SEED = 20240607
 RESPOND = "respond"
-LATER = ("short-questions.yaml",)  # files added after the first corpus: drawn last
+# files added after the first corpus, drawn last in this order (a later ``.jsonl`` file's rows
+# record the file's stem as their ``source``, so a build can tell them apart)
+LATER = ("short-questions.yaml", "written-2.jsonl")
 WRITTEN = "written"  # the ``source`` of handwritten rows; composed rows name their family
 
 
@@ -165,33 +169,38 @@ def _family_files() -> list[Path]:
     return first + [SOURCES / name for name in LATER]
 
 
+def _written(path: Path, source: str = WRITTEN) -> list[dict]:
+    rows = path.read_text("utf-8").splitlines()
+    return [{**json.loads(line), "source": source} for line in rows if line]
+
+
 def compose() -> list[dict]:
-    rows = [
-        {**json.loads(line), "source": WRITTEN}
-        for path in sorted(SOURCES.glob("*.jsonl"))
-        for line in path.read_text("utf-8").splitlines()
-        if line
-    ]
+    first = sorted(p for p in SOURCES.glob("*.jsonl") if p.name not in LATER)
+    rows = [row for path in first for row in _written(path)]
     surface = Surface(yaml.safe_load((SOURCES / "surface.yaml").read_text("utf-8")))
     rng = random.Random(SEED)
     labels: dict[str, str] = {}
     out = []
-    for row in rows:
+
+    def add(row: dict, clash_is_error: bool) -> None:
         key = _key(row["prompt"])
-        if key in labels:  # written twice: keep the first, and both must agree
-            if labels[key] != row["label"]:
+        if key in labels:  # first writer wins; two labels for one written prompt is an error
+            if clash_is_error and labels[key] != row["label"]:
                 raise ValueError(f"handwritten prompt with two labels: {row['prompt']!r}")
-            continue
+            return
         labels[key] = row["label"]
         out.append(row)
+
+    for row in rows:
+        add(row, clash_is_error=True)
     for path in _family_files():
+        if path.suffix == ".jsonl":  # a later file of written rows
+            for row in _written(path, source=path.stem):
+                add(row, clash_is_error=True)
+            continue
         for family in yaml.safe_load(path.read_text("utf-8")):
             for row in expand(family, rng, surface):
-                key = _key(row["prompt"])
-                if key in labels:  # first writer wins; a clash across labels is dropped
-                    continue
-                labels[key] = row["label"]
-                out.append(row)
+                add(row, clash_is_error=False)
     return out
 
 
