@@ -30,7 +30,7 @@ from pathlib import Path
 
 from .canary import CANARY_SECRET_ENV, CanaryProber, load_canary_prompts
 from .launcher_metrics import STATE_FILE_ENV, LauncherMetrics
-from .settings import DRAIN_FILE_ENV, GatewaySettings
+from .settings import DRAIN_FILE_ENV, SERVING_FILE_ENV, GatewaySettings
 from .standby import Standby, listening_socket
 from .supervision import (
     KILL_MARGIN_S,
@@ -98,7 +98,8 @@ def serve(
     # re-exported by vLLM's /metrics from this file while it serves.
     state_dir = Path(tempfile.mkdtemp(prefix="refusal-gateway-launcher-"))
     metrics = LauncherMetrics(settings.model_name(), state_file=state_dir / "metrics.prom")
-    standby = Standby(sock, settings.retry_after_s, metrics)
+    serving_file = state_dir / "serving"
+    standby = Standby(sock, settings.retry_after_s, metrics, serving_file=serving_file)
     canary = None
     try:
         standby.resume("The model server is starting; retry shortly.", reason="starting")
@@ -111,6 +112,7 @@ def serve(
         env[STATE_FILE_ENV] = str(metrics.state_file)
         drain_file = state_dir / "draining"
         env[DRAIN_FILE_ENV] = str(drain_file)
+        env[SERVING_FILE_ENV] = str(serving_file)
         # A secret given in the environment lets an external prober (a CronJob,
         # a test) send canaries too; otherwise each launch makes its own.
         secret = os.environ.get(CANARY_SECRET_ENV) or secrets.token_urlsafe(24)

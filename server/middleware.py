@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from pathlib import Path
 from typing import Any
 
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -29,11 +30,29 @@ from .gateway import ROUTES, Gateway, Outcome
 from .policy import ApiKey
 from .responses import Responder
 from .routes import UNAUTHENTICATED_PATHS, closed_reason, decide, route_report
-from .settings import DRAIN_FILE_ENV, GatewaySettings
+from .settings import DRAIN_FILE_ENV, SERVING_FILE_ENV, GatewaySettings
 
 __all__ = ["Gateway", "RefusalGatewayMiddleware"]
 
 logger = logging.getLogger(__name__)
+
+
+def announce_serving(send: Send, serving_file: str | None) -> Send:
+    """``send`` of the lifespan, creating ``serving_file`` as the app's startup completes.
+
+    uvicorn starts accepting on the shared socket right after it gets
+    ``lifespan.startup.complete``; the file is there before that, so the
+    launcher's standby never takes a connection vLLM could serve.
+    """
+    if not serving_file:
+        return send
+
+    async def announcing(message: dict[str, Any]) -> None:
+        if message["type"] == "lifespan.startup.complete":
+            Path(serving_file).touch()
+        await send(message)
+
+    return announcing
 
 
 class RefusalGatewayMiddleware:
@@ -56,6 +75,7 @@ class RefusalGatewayMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
             self._report_routes(scope.get("app"))
+            send = announce_serving(send, os.environ.get(SERVING_FILE_ENV))
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return

@@ -22,6 +22,12 @@ ENV_PREFIX = "REFUSAL_GATEWAY_"
 #: A file the launcher creates when it starts draining (path in this variable, for
 #: vLLM's processes): from then on the layer admits no new generation request.
 DRAIN_FILE_ENV = ENV_PREFIX + "DRAIN_FILE"
+#: A file the layer creates, in vLLM's API server, when the app's startup is complete and
+#: just before that server starts accepting on the shared socket (path in this variable):
+#: from then on the launcher's standby leaves every connection to vLLM. Without it the
+#: standby went on taking connections until the launcher's next /health poll (up to 1 s),
+#: and a client that had already seen vLLM's /health answer 200 could get the standby's 503.
+SERVING_FILE_ENV = ENV_PREFIX + "SERVING_FILE"
 DEMO_MODEL = "demo"
 #: What ``refusal-gateway serve`` serves when no model is named (README, Quality).
 DEFAULT_MODEL = "smollm2"

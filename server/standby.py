@@ -5,8 +5,10 @@ every vLLM process it starts (:mod:`refusal_gateway.vllm_entry`), so the port
 never closes: while vLLM is loading, restarting after a crash or waiting out
 the back-off, :class:`Standby` accepts on the same socket and answers every
 request with 503 in OpenAI's error envelope and ``Retry-After``, instead of a
-refused connection. Once vLLM is healthy the standby stops accepting and
-vLLM's own server is the only one taking connections. Nothing here is on the
+refused connection. Once vLLM's server is about to accept (the layer creates
+the serving file, :data:`~refusal_gateway.settings.SERVING_FILE_ENV`, as the
+app's startup completes) or the launcher has seen it healthy, the standby stops
+accepting and vLLM's own server is the only one taking connections. Nothing here is on the
 request path of a healthy server.
 
 ``GET /metrics`` is the one exception to the 503: with :class:`LauncherMetrics`
@@ -22,6 +24,7 @@ import logging
 import selectors
 import socket
 import threading
+from pathlib import Path
 
 from .errors import unavailable
 from .launcher_metrics import CONTENT_TYPE, LauncherMetrics
@@ -88,9 +91,14 @@ class Standby:
     (and ``GET /metrics`` with the launcher's series when given them)."""
 
     def __init__(
-        self, sock: socket.socket, retry_after_s: int, metrics: LauncherMetrics | None = None
+        self,
+        sock: socket.socket,
+        retry_after_s: int,
+        metrics: LauncherMetrics | None = None,
+        serving_file: Path | None = None,
     ):
         self._sock = sock
+        self._serving_file = serving_file
         self._retry_after_s = retry_after_s
         self._metrics = metrics
         self._on = threading.Event()
@@ -109,6 +117,8 @@ class Standby:
         """
         with self._lock:
             self._message = message
+        if self._serving_file is not None:
+            self._serving_file.unlink(missing_ok=True)  # the vLLM that made it is gone
         if self._metrics is not None:
             self._metrics.set_state(reason)
         self._on.set()
@@ -116,6 +126,18 @@ class Standby:
     def pause(self) -> None:
         """Stop accepting: vLLM's server takes every connection from now on."""
         self._on.clear()
+
+    @property
+    def answering(self) -> bool:
+        """Whether the standby is taking connections (and answering 503) now."""
+        return self._on.is_set()
+
+    def _vllm_accepting(self) -> bool:
+        """vLLM's server has started (or is starting) to accept: leave connections to it."""
+        if self._serving_file is None or not self._serving_file.exists():
+            return False
+        self.pause()
+        return True
 
     def close(self) -> None:
         self._closed.set()
@@ -137,6 +159,8 @@ class Standby:
 
     def _accept_pending(self) -> None:
         while self._on.is_set() and not self._closed.is_set():
+            if self._vllm_accepting():
+                return
             try:
                 conn, _ = self._sock.accept()
             except (BlockingIOError, InterruptedError):

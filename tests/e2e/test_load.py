@@ -136,7 +136,7 @@ async def _beyond_the_bound(server: Server) -> tuple[list[httpx.Response], list[
         for _ in range(INFLIGHT):
             request = client.build_request("POST", "/v1/chat/completions", json=long)
             response = await client.send(request, stream=True)
-            assert response.status_code == 200
+            assert response.status_code == 200, await response.aread()
             lines = response.aiter_lines()
             async for line in lines:  # the first chunk: it is in flight now
                 if line.startswith("data: "):

@@ -116,6 +116,10 @@ def test_engine_death_gives_503_with_retry_after_then_recovers(restartable: Serv
         time.sleep(0.5)
     else:
         pytest.fail(f"no recovery after the engine died ({len(unavailable)} answers of 503)")
+    # From vLLM's first answer on, vLLM takes every connection: the standby stops as vLLM's app
+    # starts (the layer's serving file), not at the launcher's next /health poll.
+    after = [chat(restartable) for _ in range(20)]
+    assert [r.status_code for r in after] == [200] * 20, [r.text for r in after if r.status_code != 200]
     for response in unavailable:
         assert response.headers["retry-after"] == str(RETRY_AFTER_S)
         error = response.json()["error"]
