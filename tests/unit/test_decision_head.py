@@ -107,6 +107,42 @@ def test_a_corpus_prompt_a_source_holds_is_never_trained_on(data_dir, monkeypatc
     assert seen == [2]
 
 
+def test_pairs_weight_multiplies_exactly_the_written_pairs(data_dir):
+    """``--pairs-weight`` counts the corpus rows drawn from the written pairs (origin
+    ``PAIRS``) that many times the corpus's weight, and no other row: not a public row
+    with the same ``source`` field, not another corpus file's row; a leaked pair stays at 0.
+    Copies of a pair keep its weight."""
+    from refusal_training import head_loso
+    from refusal_training.sources import CORPUS, PAIRS, Prompt
+
+    data = load_all(data_dir, seed=0, corpus=False)
+    public = next(iter(data))
+    data[public][0] = Prompt(data[public][0].prompt, data[public][0].key, public, PAIRS)
+    data[CORPUS] = [Prompt("a pair", "safety", CORPUS, PAIRS), Prompt("its twin", "respond", CORPUS, PAIRS),
+                    Prompt("composed", "respond", CORPUS, "composed"), Prompt("no origin", "safety", CORPUS),
+                    Prompt(data[public][1].prompt, "safety", CORPUS, PAIRS)]  # fmt: skip
+    # Two prompts that differ only by origin are one prompt.
+    assert Prompt("a pair", "safety", CORPUS, PAIRS) == Prompt("a pair", "safety", CORPUS)
+    x = np.random.default_rng(0).normal(size=(sum(map(len, data.values())), 4))
+    ds = head_loso.Dataset(data, x, corpus_weight=3.0, pairs_weight=10.0)
+    assert list(ds.weight[ds.mask([CORPUS])]) == [30.0, 30.0, 3.0, 3.0, 0.0]
+    assert set(ds.weight[~ds.mask([CORPUS])]) == {1.0}
+    ds.augment(np.flatnonzero(ds.mask([CORPUS]))[:3], x[:3])
+    assert list(ds.weight[ds.augmented]) == [30.0, 30.0, 3.0]
+
+
+def test_the_corpus_file_gives_every_row_its_origin():
+    """The origins the weights read are those of ``corpus.jsonl`` (demo/compose.py's
+    ``source``): the written pairs are there, as many as the file holds."""
+    from refusal_training.demo_model import corpus_path
+    from refusal_training.sources import CORPUS, PAIRS, read_jsonl
+
+    rows = read_jsonl(corpus_path(), CORPUS)
+    lines = [json.loads(line) for line in corpus_path().read_text().splitlines() if line.strip()]
+    assert [r.origin for r in rows] == [line["source"] for line in lines]
+    assert sum(r.origin == PAIRS for r in rows) == sum(line["source"] == PAIRS for line in lines) > 1000
+
+
 def test_a_head_on_two_layers_is_what_the_served_model_computes():
     """Fitted on cat([final, middle]) with intercepts on the final state: the first half of
     its rows goes into the output projection, the second into refusal_plugins.model."""

@@ -20,7 +20,7 @@ from .conversations import draw_contexts
 from .decision_head import Head, fit_head
 from .inline_turns import wrap as wrap_inline
 from .scoring import auroc
-from .sources import CORPUS, Prompt, kind, leaked, measured, trainable
+from .sources import CORPUS, PAIRS, Prompt, kind, leaked, measured, trainable
 from .system_prompts import HELD_OUT, TRAIN, Context, draw
 
 logger = logging.getLogger(__name__)
@@ -50,7 +50,6 @@ class Dataset:
         data: dict[str, list[Prompt]],
         features: np.ndarray,
         corpus_weight: float = 1.0,
-        pairs: frozenset[str] = frozenset(),
         pairs_weight: float = 1.0,
     ):
         self.names = list(data)
@@ -68,11 +67,12 @@ class Dataset:
         def corpus_rows(prompts) -> np.ndarray:
             return (self.source == CORPUS) & np.isin(texts, list(prompts))
 
-        # The later written rows (``pairs``: mostly minimal pairs, a request and its twin of
-        # the other label) teach intent over wording better than the composed rows: at
-        # ``pairs_weight`` 10 times the corpus's weight LOSO AUROC on the default rendering
-        # went 0.860 -> 0.869 (docs/quality/experiments.md, *Written minimal pairs*).
-        self.weight[corpus_rows(pairs)] *= pairs_weight
+        # The later written rows (origin :data:`PAIRS`: mostly minimal pairs, a request and
+        # its twin of the other label) teach intent over wording better than the composed
+        # rows: at ``pairs_weight`` 10 times the corpus's weight LOSO AUROC on the default
+        # rendering went 0.860 -> 0.869 (docs/quality/experiments.md, *Written minimal pairs*).
+        origins = np.array([r.origin for r in self.rows], dtype=object)
+        self.weight[(self.source == CORPUS) & (origins == PAIRS)] *= pairs_weight
         # A corpus prompt a public source holds is never trained on (weight 0, so the rows
         # and the seeded draws of their copies stay where they were; fit skips them).
         taken = leaked(data)

@@ -68,7 +68,7 @@ from .head_loso import (
 )
 from .paths import cache_root
 from .soft_tokens import SoftTokenOptions, train_soft_tokens
-from .sources import PAIRS, corpus_prompts_of, load_all, measured, trainable
+from .sources import load_all, measured, trainable
 
 logger = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ def run(args: argparse.Namespace) -> dict:
     # the final state.
     features = np.concatenate([final, *middle], axis=1)
     u = np.concatenate([constant_direction(final), np.zeros(d * len(middle))])
-    ds = Dataset(data, features, args.corpus_weight, corpus_prompts_of(PAIRS), args.pairs_weight)
+    ds = Dataset(data, features, args.corpus_weight, pairs_weight=args.pairs_weight)
     lift = features @ u
     logger.info("u·h over all decision positions: mean %.3f, sd %.3f", lift.mean(), lift.std())
     if args.system_augment:

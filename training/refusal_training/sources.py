@@ -30,7 +30,7 @@ from __future__ import annotations
 import json
 import random
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from refusal_plugins.vocab import KEY_OF_CATEGORY
@@ -69,11 +69,18 @@ BY_NAME = {s.name: s for s in SOURCES}
 
 @dataclass(frozen=True)
 class Prompt:
-    """One labelled prompt: ``key`` is the expected control token's key (``respond`` or a category)."""
+    """One labelled prompt: ``key`` is the expected control token's key (``respond`` or a category).
+
+    ``source`` is the set it is loaded as (a name of :data:`SOURCES`, or ``corpus``);
+    ``origin`` is the row's own ``source`` field, where it was drawn from: for the
+    corpus, the file or family of ``demo/compose.py`` (:data:`PAIRS` for the written
+    minimal pairs). Two prompts that differ only by origin are the same prompt.
+    """
 
     prompt: str
     key: str
     source: str
+    origin: str = field(default="", compare=False)
 
     @property
     def refuse(self) -> bool:
@@ -94,7 +101,7 @@ def read_jsonl(path: Path, name: str) -> list[Prompt]:
             continue
         row = json.loads(line)
         key = "respond" if row["label"] == "respond" else KEY_OF_CATEGORY[row["category"]]
-        rows.append(Prompt(row["prompt"], key, name))
+        rows.append(Prompt(row["prompt"], key, name, row.get("source", "")))
     return rows
 
 
@@ -123,19 +130,11 @@ def load_all(data_dir: Path, seed: int = 0, corpus: bool = True) -> dict[str, li
     if "coconot" in out:
         train, held = halves(out["coconot"], seed)
         out["coconot"] = train
-        out["coconot-heldout"] = [Prompt(r.prompt, r.key, "coconot-heldout") for r in held]
+        out["coconot-heldout"] = [replace(r, source="coconot-heldout") for r in held]
     return out
 
 
 PAIRS = "written-2"  # the corpus's later written rows, mostly minimal pairs (demo/compose.py)
-
-
-def corpus_prompts_of(origin: str) -> frozenset[str]:
-    """The corpus prompts whose ``source`` in ``corpus.jsonl`` is ``origin`` (a file or family)."""
-    from .demo_model import corpus_path
-
-    lines = corpus_path().read_text(encoding="utf-8").splitlines()
-    return frozenset(row["prompt"] for row in map(json.loads, filter(str.strip, lines)) if row["source"] == origin)
 
 
 def same_words(text: str) -> str:
