@@ -233,8 +233,13 @@ def test_every_measured_row_is_also_scored_after_a_held_out_system_message(data_
     names = list(filter(measured, ds.names))
     assert not np.isnan(view[ds.measured_mask(names)]).any() and np.isnan(view[ds.augmented]).all()
     pools = recipe.pools(ds, view, names)
-    assert set(pools) == {"all_sources", "without_coconot", "harmful", "lookalike", "ordinary"}
+    assert set(pools) == {"all_sources", "without_coconot", "safety_vs_benign", "harmful",
+                          "lookalike", "ordinary"}  # fmt: skip
     assert pools["all_sources"]["n"] == rows.sum()
+    # harmful requests against benign ones: the incomplete-request rows are left out of it
+    keys = np.array([r.key for r in ds.rows])
+    assert pools["safety_vs_benign"]["n"] == (rows & np.isin(keys, ["safety", "respond"])).sum()
+    assert 0 < (rows & (keys == "incomplete")).sum() and pools["safety_vs_benign"]["auroc"] is not None
     head = recipe.fit(ds, ds.mask([n for n in ds.names if trainable(n)]), np.zeros(8), 1e-2)
     on_view = recipe.yardsticks(ds, head, views["client_system"])
     assert set(on_view) == {"coconot-heldout", "coconot-contrast", "self-instruct-user"}

@@ -222,3 +222,39 @@ def test_earlier_turns_are_rendered_and_cached_under_their_own_key(tmp_path, mon
     assert calls == [["w9"], [turns, both]]
     keys = {features._prompt_key("w5", c) for c in (None, "w9", turns, both)}
     assert len(keys) == 4 and features._prompt_key("w5", Context(system="w9")) in keys
+
+
+def _alone(model, ids: list[int], layer: int | None) -> np.ndarray:
+    """A rendering's vector run on its own, whole: what the shared-context path must equal."""
+    with torch.inference_mode():
+        out = model(input_ids=torch.tensor([ids]), output_hidden_states=True)
+    return out.hidden_states[-1 if layer is None else layer][0, -1].numpy()
+
+
+@pytest.mark.parametrize("layers", [[None, 2], [3]])  # [3]: the pass stops at layer 3
+def test_prompts_after_one_context_continue_its_cached_keys_and_equal_a_whole_pass(tmp_path, layers):
+    """Contexts run once (features.shared_prefixes) and each batch continues them: the
+    vectors are those of every rendering run whole, whatever the padding, the batch
+    split or the stop."""
+    from refusal_training.features import prompt_ids
+    from transformers import AutoTokenizer
+
+    model, _ = tiny_llama(tmp_path, layer=None)
+    prompts = ["w5", "w6 w7 w8", "w9 w10", "w11 w12 w13 w14 w15", "w16 w17", "w18"]
+    systems = ["w30 w31 w32 w33", "w30 w31 w32 w33", "w30 w31 w32 w33", "w40 w41", "w40 w41", None]
+    got = _extract(tmp_path, prompts, batch_size=2, device="cpu", layers=layers, systems=systems)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path)
+    for i, (prompt, system) in enumerate(zip(prompts, systems, strict=True)):
+        ids = prompt_ids(tokenizer, prompt, system)
+        for layer, block in zip(layers, got, strict=True):
+            np.testing.assert_allclose(block[i], _alone(model, ids, layer), atol=1e-4)
+
+
+def test_shared_prefixes_keep_every_prompts_last_token_and_skip_lone_contexts():
+    from refusal_training.features import shared_prefixes
+
+    ids = [[1, 2, 3, 4], [1, 2, 3, 9, 9], [1, 2, 3], [7, 8], [1, 2]]
+    groups = ["a", "a", "a", "b", "c"]
+    out = {tuple(rows): shared for shared, rows in shared_prefixes(ids, groups)}
+    assert out == {(0, 1, 2): 2, (3,): 0, (4,): 0}  # [1, 2, 3] keeps its last token
+    assert shared_prefixes([[5, 6], [5, 6]], ["x", "x"]) == [(1, [0, 1])]  # identical renderings

@@ -146,9 +146,10 @@ def leave_one_source_out(
     return figures, p_rows, p_views
 
 
-def pooled(ds: Dataset, probs: np.ndarray, names) -> dict:
-    """AUROC of p(refuse) = 1 - p(respond), and the greedy rates, over ``names`` together."""
-    rows = ds.measured_mask(names)
+def pooled(ds: Dataset, probs: np.ndarray, names, keep: np.ndarray | None = None) -> dict:
+    """AUROC of p(refuse) = 1 - p(respond), and the greedy rates, over ``names`` together
+    (only the rows ``keep`` marks, when given)."""
+    rows = ds.measured_mask(names) if keep is None else ds.measured_mask(names) & keep
     refuse = ds.y[rows] > 0
     both = refuse.any() and (~refuse).any()  # AUROC needs both kinds of prompt
     value = auroc(1.0 - probs[rows, 0], refuse) if both else None
@@ -156,9 +157,17 @@ def pooled(ds: Dataset, probs: np.ndarray, names) -> dict:
 
 
 def pools(ds: Dataset, probs: np.ndarray, names: list[str]) -> dict:
-    """The summary pools: every measured source, all but CoCoNot, and each kind."""
+    """The summary pools: every measured source, all but CoCoNot, each kind, and harmful
+    requests (the safety category) against benign ones.
+
+    The last because "should refuse" is wider than "harmful": CoCoNot's held-out half also
+    asks the head to refuse false premises, unanswerable and humanizing requests, which a
+    small model's hidden states separate worst (incomplete requests: AUROC 0.72 against
+    benign ones, safety requests 0.89; docs/quality/experiments.md). Both are reported."""
+    safety_or_benign = (ds.y == KEYS.index("safety")) | (ds.y == 0)
     out = {"all_sources": pooled(ds, probs, names),
-           "without_coconot": pooled(ds, probs, [n for n in names if family(n) != "coconot"])}  # fmt: skip
+           "without_coconot": pooled(ds, probs, [n for n in names if family(n) != "coconot"]),
+           "safety_vs_benign": pooled(ds, probs, names, safety_or_benign)}  # fmt: skip
     for k in ("harmful", "lookalike", "ordinary"):
         out[k] = pooled(ds, probs, [n for n in names if kind(n) == k])
     return out
