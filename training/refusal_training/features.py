@@ -228,11 +228,12 @@ def _continuation(suffixes: list[list[int]], shared: int, context, pad: int, dev
         batch[row, width - len(suffix) :] = torch.tensor(suffix)
         mask[row, shared + width - len(suffix) :] = 1
         positions[row, width - len(suffix) :] = torch.arange(shared, shared + len(suffix))
-    inputs = {"input_ids": batch.to(device), "attention_mask": mask.to(device)}
+    inputs = {"input_ids": batch.to(device), "attention_mask": mask.to(device),
+              "position_ids": positions.to(device)}  # fmt: skip
     if context is not None:
         cache = copy.deepcopy(context)
         cache.batch_repeat_interleave(len(suffixes))
-        inputs |= {"past_key_values": cache, "use_cache": True, "position_ids": positions.to(device)}
+        inputs |= {"past_key_values": cache, "use_cache": True}
     return inputs
 
 

@@ -149,7 +149,9 @@ def leave_one_source_out(
 def pooled(ds: Dataset, probs: np.ndarray, names, keep: np.ndarray | None = None) -> dict:
     """AUROC of p(refuse) = 1 - p(respond), and the greedy rates, over ``names`` together
     (only the rows ``keep`` marks, when given)."""
-    rows = ds.measured_mask(names) if keep is None else ds.measured_mask(names) & keep
+    rows = ds.measured_mask(names)
+    if keep is not None:
+        rows &= keep
     refuse = ds.y[rows] > 0
     both = refuse.any() and (~refuse).any()  # AUROC needs both kinds of prompt
     value = auroc(1.0 - probs[rows, 0], refuse) if both else None
