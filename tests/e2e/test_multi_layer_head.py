@@ -1,12 +1,12 @@
 """A decision head on several layers, served by vLLM as the offline tools compute it.
 
-The shipped head reads one middle layer; ``head_recipe --middle-layers 12,16,20``
-builds one on several, which ``refusal_plugins.model`` serves through Llama's
-auxiliary-hidden-state hook (several layers come back as a list, in layer
-order). This serves the default model with such a head, the shipped layer-16
-rows between random rows for layers 12 and 20, and checks that vLLM's control
-probabilities equal those computed with transformers from each layer's own
-input: a layer read in the wrong place or order would not.
+``head_recipe --middle-layers`` builds a head on any ascending list of layers (the
+shipped one reads 14, 16, 18 and 20), which ``refusal_plugins.model`` serves
+through Llama's auxiliary-hidden-state hook (several layers come back as a list,
+in layer order). This serves the default model with a head on another list, the
+shipped layer-16 rows between random rows for layers 12 and 20, and checks that
+vLLM's control probabilities equal those computed with transformers from each
+layer's own input: a layer read in the wrong place or order would not.
 """
 
 from __future__ import annotations
@@ -57,10 +57,13 @@ def three_layer_model(tmp_path_factory) -> Path:
         elif item.is_file() and item.name != HEAD_FILE:
             shutil.copy(item, out / item.name)
     config = json.loads((built / "config.json").read_text())
-    assert config["refusal_head"]["layers"] == [16], "the shipped head reads layer 16"
+    shipped = config["refusal_head"]["layers"]
+    assert 16 in shipped and shipped != LAYERS, "the shipped head reads layer 16, on other layers"
     config["refusal_head"]["layers"] = LAYERS
     (out / "config.json").write_text(json.dumps(config))
-    middle = load_file(str(built / HEAD_FILE))[HEAD_WEIGHT]
+    d = features()[0].shape[1]
+    at = shipped.index(16)  # the shipped rows' columns are in layer order
+    middle = load_file(str(built / HEAD_FILE))[HEAD_WEIGHT][:, at * d : (at + 1) * d]
     # Random rows giving logits of about ±1 on these prompts, so each layer's input counts.
     _, h12, _, h20 = features()
     gen = torch.Generator().manual_seed(0)
