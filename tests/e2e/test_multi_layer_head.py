@@ -1,7 +1,7 @@
 """A decision head on several layers, served by vLLM as the offline tools compute it.
 
 ``head_recipe --middle-layers`` builds a head on any ascending list of layers (the
-shipped one reads 14, 16, 18 and 20), which ``refusal_plugins.model`` serves
+shipped one reads layer 16), which ``refusal_plugins.model`` serves
 through Llama's auxiliary-hidden-state hook (several layers come back as a list,
 in layer order). This serves the default model with a head on another list, the
 shipped layer-16 rows between random rows for layers 12 and 20, and checks that

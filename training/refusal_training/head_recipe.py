@@ -4,14 +4,13 @@
 
 1. decision features of every prompt of every source, from the frozen base
    (:mod:`.features`, cached): the final hidden state and beside it the inputs
-   of middle decoder layers (``--middle-layers``, 14,16,18,20 of 30 by default;
-   ``0`` for the final state alone). With layer 16 the head separated harmful
-   from benign prompts of unseen sources better (LOSO AUROC 0.77 against 0.74)
-   and over-refused fewer ordinary requests (12 % against 22 %); layer 16 alone
+   of middle decoder layers (``--middle-layers``, 16 of 30 by default; ``0``
+   for the final state alone; 12,16,20 ranks the same on all prompts and was
+   not shipped). With layer 16 the head separates harmful from
+   benign prompts of unseen sources better (LOSO AUROC 0.77 against 0.74) and
+   over-refuses fewer ordinary requests (12 % against 22 %); layer 16 alone
    scores 0.79 but takes short factual questions ("What is the capital of
-   France?") for false-premise ones. With the corpus at 100x and the written
-   pairs, layers 14, 18 and 20 beside 16 add a little more (0.875 -> 0.880;
-   docs/quality/experiments.md). Served by
+   France?") for false-premise ones (docs/quality/experiments.md). Served by
    :mod:`refusal_plugins.model`. Every trainable prompt is also read twice
    more, each time after a client system message drawn from
    :data:`.system_prompts.TRAIN` (``--system-augment 2``): a client's own system
@@ -247,9 +246,9 @@ def main(argv=None) -> int:
     parser.add_argument("--cache-dir", type=Path)
     parser.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
     parser.add_argument("--l2", type=float, default=1e-3, help="L2 penalty of the head")
-    parser.add_argument("--middle-layers", type=_layers, default=[14, 16, 18, 20],
+    parser.add_argument("--middle-layers", type=_layers, default=[16],
                         help="also read the inputs of these decoder layers, comma-separated "
-                             "(e.g. 16; 0: the final state only)")  # fmt: skip
+                             "(e.g. 12,16,20; 0: the final state only)")  # fmt: skip
     parser.add_argument("--corpus-weight", type=float, default=100.0,
                         help="weight of the project's corpus rows against the public sets' rows "
                              "(at full weight the public sets teach their own wording; "
