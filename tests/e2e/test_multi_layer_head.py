@@ -58,14 +58,13 @@ def three_layer_model(tmp_path_factory) -> Path:
             shutil.copy(item, out / item.name)
     config = json.loads((built / "config.json").read_text())
     shipped = config["refusal_head"]["layers"]
-    assert 16 in shipped and shipped != LAYERS, "the shipped head reads layer 16, on other layers"
+    assert 16 in shipped and shipped != LAYERS, "needs the shipped layer-16 rows, on another list"
     config["refusal_head"]["layers"] = LAYERS
     (out / "config.json").write_text(json.dumps(config))
-    d = features()[0].shape[1]
-    at = shipped.index(16)  # the shipped rows' columns are in layer order
+    final, h12, _, h20 = features()
+    d, at = final.shape[1], shipped.index(16)  # the shipped rows' columns are in layer order
     middle = load_file(str(built / HEAD_FILE))[HEAD_WEIGHT][:, at * d : (at + 1) * d]
     # Random rows giving logits of about ±1 on these prompts, so each layer's input counts.
-    _, h12, _, h20 = features()
     gen = torch.Generator().manual_seed(0)
     rows = [torch.randn(middle.shape, generator=gen) / float(np.linalg.norm(h, axis=1).mean())
             for h in (h12, h20)]  # fmt: skip

@@ -127,9 +127,7 @@ def _capture(model, layers: Sequence[int | None]):
     return run
 
 
-def shared_prefixes(
-    ids: Sequence[Sequence[int]], groups: Sequence[str], min_members: int = 2
-) -> list[tuple[int, list[int]]]:
+def shared_prefixes(ids: Sequence[Sequence[int]], groups: Sequence[str]) -> list[tuple[int, list[int]]]:
     """Prompts that share a rendered context, and how many leading tokens they share.
 
     ``groups`` names each prompt's context (its system message, earlier turns); the
@@ -138,14 +136,14 @@ def shared_prefixes(
     earlier turns), which :func:`_extract` then runs once per group instead of once per
     prompt. Each entry: the shared length (the longest common prefix of the group's
     token ids, always leaving every prompt at least its last token) and the members'
-    positions. A group of fewer than ``min_members`` prompts shares nothing."""
+    positions. A lone prompt shares nothing (running its context apart gains nothing)."""
     members: dict[str, list[int]] = {}
     for i, group in enumerate(groups):
         members.setdefault(group, []).append(i)
     out = []
     for rows in members.values():
         shared = 0
-        if len(rows) >= min_members:
+        if len(rows) > 1:
             first, limit = ids[rows[0]], min(len(ids[i]) for i in rows) - 1
             while shared < limit and all(ids[i][shared] == first[shared] for i in rows):
                 shared += 1
