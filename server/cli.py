@@ -50,7 +50,7 @@ def _build_model(args: argparse.Namespace, extra: list[str]) -> int:
 
     name = getattr(args, "name", DEMO_MODEL)  # build-demo: the demo model
     try:
-        path = build(name, args.cache_dir, force=args.force)
+        path = build(name, args.cache_dir, force=args.force, artefact=getattr(args, "artefact", None))
     except ValueError as e:
         raise SystemExit(f"build-model: {e}") from None
     print(path)
@@ -116,6 +116,9 @@ def parser() -> argparse.ArgumentParser:
         "directory; `serve --model NAME` does the same on first use.",
     )
     build.add_argument("name", help=f"the model's name, e.g. {', '.join(sorted(BUILT_MODELS))}")
+    build.add_argument("--artefact", type=Path,
+                       help="smollm2: assemble this head artefact (a head_recipe --out run's "
+                            "smollm2_refusal.safetensors) instead of the committed one")  # fmt: skip
     build_demo = sub.add_parser("build-demo", help="build-model demo (kept for old scripts)")
     for command in (build, build_demo):
         command.add_argument(

@@ -293,3 +293,38 @@ def test_inline_transcript_copies_wrap_each_original_and_never_the_measured_wrap
     assert 0.3 < len(template) / len(texts) < 0.7
     wrappers = [t.replace(c.prompt, "") for c, t in zip(copies, texts, strict=True)]
     assert not any(inline_turns.HELD_OUT_REPLY in w or inline_turns.HELD_OUT_NUDGE in w for w in wrappers)
+
+
+def test_a_held_out_head_is_the_leave_one_source_out_head_of_its_family(data_dir, monkeypatch):
+    """``head_recipe --hold-out phtest`` fits exactly the rows the sweep's PHTest head is
+    fitted on (so a server built from it reproduces that head's figures), and reports
+    its decisions on PHTest beside the never-trained yardsticks."""
+    import argparse
+
+    from refusal_training.head_recipe import _families, report_markdown
+
+    recipe, ds = _recipe_dataset(data_dir)
+    recipe.augment_with_systems(ds, StandInFeatures(), 1.0, seed=0)
+    fitted = []
+    real_fit = recipe.fit
+    monkeypatch.setattr(recipe, "fit", lambda ds_, train, u, l2: fitted.append(train) or real_fit(ds_, train, u, l2))
+    recipe.leave_one_source_out(ds, np.zeros(8), 1e-2)
+    families = list(dict.fromkeys(recipe.family(n) for n in filter(measured, ds.names)))
+    held = recipe.training_mask(ds, {"phtest"})
+    np.testing.assert_array_equal(held, fitted[families.index("phtest")])
+    assert not (held & (ds.source == "phtest")).any() and (held & ds.augmented).any()
+    both = recipe.training_mask(ds, {"phtest", "coconot"})
+    assert not (both & np.isin(ds.source, ["phtest", "coconot", "coconot-pref"])).any()
+    head = real_fit(ds, held, np.zeros(8), 1e-2)
+    figures = recipe.yardsticks(ds, head, ds.x, {"phtest"})
+    assert set(figures) == {"coconot-heldout", "coconot-contrast", "self-instruct-user", "phtest"}
+    assert figures["phtest"]["n"] == ds.measured_mask(["phtest"]).sum()  # never a copy
+    assert "category_accuracy" in figures["coconot-heldout"] and "refused_benign" in figures["phtest"]
+    assert set(recipe.yardsticks(ds, head, ds.x)) == set(figures) - {"phtest"}
+    info = {"leave_one_source_out": {}, "summary": {}, "shipped_head_on_yardsticks": figures}
+    table = report_markdown(info)
+    assert "| phtest | lookalike |" in table and "| pool |" not in table
+    assert _families("phtest, catqa,phtest") == ["catqa", "phtest"]
+    for bad in ("", "corpus", "coconot-heldout", "self-instruct-user", "nope"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            _families(bad)

@@ -258,3 +258,13 @@ def test_shared_prefixes_keep_every_prompts_last_token_and_skip_lone_contexts():
     out = {tuple(rows): shared for shared, rows in shared_prefixes(ids, groups)}
     assert out == {(0, 1, 2): 2, (3,): 0, (4,): 0}  # [1, 2, 3] keeps its last token
     assert shared_prefixes([[5, 6], [5, 6]], ["x", "x"]) == [(1, [0, 1])]  # identical renderings
+
+
+def test_the_committed_head_was_fitted_on_every_trainable_source():
+    """A ``head_recipe --hold-out`` head measures a source through a server; it must never
+    be the one the default model ships (its provenance says which families it lacks)."""
+    from refusal_training.smollm2_model import artefact_info, artefact_path
+
+    info = artefact_info(artefact_path())
+    assert info["created_by"] == "python -m refusal_training.head_recipe"
+    assert not info["head"].get("held_out") and info["leave_one_source_out"]

@@ -10,6 +10,7 @@ augmented copy), and the pools the README quotes.
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection
 
 import numpy as np
 from refusal_plugins.vocab import scheme_keys
@@ -20,7 +21,7 @@ from .conversations import draw_contexts
 from .decision_head import Head, fit_head
 from .inline_turns import wrap as wrap_inline
 from .scoring import auroc
-from .sources import CORPUS, PAIRS, Prompt, kind, leaked, measured, trainable
+from .sources import CORPUS, PAIRS, SOURCES, Prompt, kind, leaked, measured, trainable
 from .system_prompts import HELD_OUT, TRAIN, Context, draw
 
 logger = logging.getLogger(__name__)
@@ -98,6 +99,13 @@ class Dataset:
         self.augmented = np.concatenate([self.augmented, np.ones(len(picks), dtype=bool)])
 
 
+def training_mask(ds: Dataset, without: Collection[str] = ()) -> np.ndarray:
+    """The rows a head may be fitted on: every trainable source's, copies included, never
+    those of a family in ``without``. One definition for both uses, so a head fitted with
+    ``head_recipe --hold-out F`` is exactly the leave-one-source-out head that measures F."""
+    return ds.mask([n for n in ds.names if trainable(n) and family(n) not in without])
+
+
 def fit(ds: Dataset, train: np.ndarray, u: np.ndarray, l2: float) -> Head:
     train = train & (ds.weight > 0)
     return fit_head(ds.x[train], ds.y[train], len(KEYS), u, l2=l2, sample_weight=ds.weight[train])
@@ -114,6 +122,16 @@ def rates(probs: np.ndarray, refuse: np.ndarray) -> dict:
     return out
 
 
+def decisions(probs: np.ndarray, labels: np.ndarray) -> dict:
+    """:func:`rates` of rows with class indices ``labels``, and on the should-refuse ones
+    how often the decided category is theirs."""
+    refuse = labels > 0
+    out = rates(probs, refuse)
+    if refuse.any():
+        out["category_accuracy"] = float((probs[refuse].argmax(axis=1) == labels[refuse]).mean())
+    return out
+
+
 def leave_one_source_out(
     ds: Dataset, u: np.ndarray, l2: float, views: dict[str, np.ndarray] | None = None
 ) -> tuple[dict, np.ndarray, dict[str, np.ndarray]]:
@@ -124,24 +142,18 @@ def leave_one_source_out(
     p_rows = np.full((len(ds.rows), len(KEYS)), np.nan)
     p_views = {k: np.full((len(ds.rows), len(KEYS)), np.nan) for k in views or {}}
     figures = {}
-    trainable_names = [n for n in ds.names if trainable(n)]
     heads: dict[str, Head] = {}  # one fit per left-out family: its sources share the rows
     for name in filter(measured, ds.names):
         if family(name) not in heads:
-            keep = [n for n in trainable_names if family(n) != family(name)]
-            heads[family(name)] = fit(ds, ds.mask(keep), u, l2)
+            heads[family(name)] = fit(ds, training_mask(ds, {family(name)}), u, l2)
         head = heads[family(name)]
         rows = ds.measured_mask([name])
         probs = head.probabilities(ds.x[rows])
         p_rows[rows] = probs
         for key, x in (views or {}).items():
             p_views[key][rows] = head.probabilities(x[rows])
-        refuse = ds.y[rows] > 0
         figures[name] = {"kind": kind(name), "trained_without": sorted({family(name)}),
-                         **rates(probs, refuse)}  # fmt: skip
-        if refuse.any():
-            argmax = probs[refuse].argmax(axis=1)
-            figures[name]["category_accuracy"] = float((argmax == ds.y[rows][refuse]).mean())
+                         **decisions(probs, ds.y[rows])}  # fmt: skip
         logger.info("LOSO %s: %s", name, figures[name])
     return figures, p_rows, p_views
 
@@ -251,12 +263,18 @@ def _augment(
         logger.info("copy %d: %d trainable rows after %s", k + 1, len(picks), what)
 
 
-def yardsticks(ds: Dataset, head: Head, x: np.ndarray) -> dict:
-    """The greedy rates of ``head`` on each never-trained source, from features ``x``
+def yardsticks(ds: Dataset, head: Head, x: np.ndarray, held_out: Collection[str] = ()) -> dict:
+    """The :func:`decisions` of ``head`` on each source it never trained on (the sources
+    never trainable, and those of the families ``held_out`` of it), from features ``x``
     (aligned with the dataset's rows: its own, or a view of them)."""
     out = {}
-    for name in ds.names:
-        if not trainable(name):
+    for name in filter(measured, ds.names):
+        if not trainable(name) or family(name) in held_out:
             rows = ds.measured_mask([name])
-            out[name] = rates(head.probabilities(x[rows]), ds.y[rows] > 0)
+            out[name] = decisions(head.probabilities(x[rows]), ds.y[rows])
     return out
+
+
+#: The families ``head_recipe --hold-out`` may leave out: those a head trains on and
+#: that are measured (the corpus is neither measured nor a public set).
+HOLDABLE = sorted({family(s.name) for s in SOURCES if trainable(s.name) and measured(s.name)})

@@ -36,6 +36,15 @@
 5. ``<out>/smollm2_refusal.safetensors`` + ``.json`` (provenance and
    figures) and ``<out>/report.md``. Copy the pair into
    ``training/refusal_training/artefacts/`` to ship it.
+
+``--hold-out phtest`` (any families, comma-separated) fits step 3's head without
+them: exactly the head step 2 fits to measure PHTest (:func:`.head_loso.training_mask`),
+as an artefact a server can load (``refusal-gateway build-model smollm2 --artefact
+<out>/smollm2_refusal.safetensors``, then ``serve --model`` the printed directory), so
+``refusal-gateway eval`` measures the held-out sources through the whole stack; its
+report lists the head's offline decisions on them, which the server must reproduce
+(``tests/e2e/test_held_out_head.py``). No sweep is run then, and its provenance names
+the families it lacks: never ship it.
 """
 
 from __future__ import annotations
@@ -53,6 +62,7 @@ import numpy as np
 from .decision_head import constant_direction, fold, needed_offset
 from .features import decision_features_at
 from .head_loso import (
+    HOLDABLE,
     KEYS,
     Dataset,
     augment_with_inline_turns,
@@ -60,17 +70,27 @@ from .head_loso import (
     augment_with_turns,
     client_system_view,
     earlier_turns_view,
+    family,
     fit,
     leave_one_source_out,
     per_context,
     pools,
+    training_mask,
     yardsticks,
 )
 from .paths import cache_root
 from .soft_tokens import SoftTokenOptions, train_soft_tokens
-from .sources import load_all, measured, trainable
+from .sources import kind, load_all, measured, trainable
 
 logger = logging.getLogger(__name__)
+
+
+def sample(data: dict[str, list], per_source: int, seed: int) -> dict[str, list]:
+    """``--max-rows-per-source``: a seeded sample of at most ``per_source`` rows of each
+    source, in their order (quick runs; the e2e test of a held-out head draws the same)."""
+    rng = np.random.default_rng(seed)
+    return {n: [rows[i] for i in sorted(rng.permutation(len(rows))[:per_source])]
+            for n, rows in data.items()}  # fmt: skip
 
 
 def vocab_max(base: Path, features: np.ndarray) -> np.ndarray:
@@ -92,9 +112,7 @@ def run(args: argparse.Namespace) -> dict:
     base = convert_smollm2(args.cache_dir)
     data = load_all(args.data_dir, args.split_seed)
     if args.max_rows_per_source:  # quick runs: a seeded sample of each source
-        rng = np.random.default_rng(args.split_seed)
-        data = {n: [rows[i] for i in sorted(rng.permutation(len(rows))[: args.max_rows_per_source])]
-                for n, rows in data.items()}  # fmt: skip
+        data = sample(data, args.max_rows_per_source, args.split_seed)
     prompts = [r.prompt for rows in data.values() for r in rows]
     batch = 16 if args.device == "cpu" else 128
 
@@ -117,18 +135,24 @@ def run(args: argparse.Namespace) -> dict:
         augment_with_turns(ds, features_of, args.turn_augment, args.split_seed)
     if args.inline_augment:
         augment_with_inline_turns(ds, features_of, args.inline_augment, args.split_seed)
+    held = set(args.hold_out)
     # Every measured prompt again after held-out context: client system messages, earlier turns.
     views = {}
-    if args.client_systems:
+    if args.client_systems and not held:
         views["client_system"] = client_system_view(ds, features_of, args.split_seed)
         views["earlier_turns"] = earlier_turns_view(ds, features_of, args.split_seed)
-    loso, p, p_views = leave_one_source_out(ds, u, args.l2, {k: x for k, (x, _) in views.items()})
     names = list(filter(measured, ds.names))
-    summary = pools(ds, p, names)
-    train = ds.mask([n for n in ds.names if trainable(n)])
+    loso, summary, p_views = {}, {}, {}
+    if held:  # this head is itself a leave-out head: measure it through a server instead
+        logger.info("held out of the head: %s (no leave-one-source-out sweep)", sorted(held))
+    else:
+        loso, p, p_views = leave_one_source_out(ds, u, args.l2, {k: x for k, (x, _) in views.items()})
+        summary = pools(ds, p, names)
+    train = training_mask(ds, held)
     head = fit(ds, train, u, args.l2)
-    # Figures of the shipped head on what it never trained on (its yardsticks).
-    shipped = yardsticks(ds, head, ds.x)
+    # Figures of the shipped head on what it never trained on (its yardsticks, and any
+    # family held out of it: what a server built from this artefact must reproduce).
+    shipped = yardsticks(ds, head, ds.x, held)
     under = {}
     for key, (x, labels) in views.items():
         contexts = np.array(labels, dtype=object)
@@ -170,9 +194,10 @@ def run(args: argparse.Namespace) -> dict:
         "data_sha256": files,
         "head": {"l2": args.l2, "offset": offset, "middle_layers": args.middle_layers,
                  "corpus_weight": args.corpus_weight, "pairs_weight": args.pairs_weight,
+                 "held_out": sorted(held),
                  "u_dot_h_mean": float(lift.mean()),
                  "u_dot_h_sd": float(lift.std()), "trained_on": sorted(
-                     {n for n in ds.names if trainable(n)}),
+                     {n for n in ds.names if trainable(n) and family(n) not in held}),
                  "examples": int(train.sum()), "augmented_examples": int(ds.augmented.sum())},  # fmt: skip
         "soft_tokens": _soft_token_info(args),
         "leave_one_source_out": loso,
@@ -213,18 +238,39 @@ def _pct(v) -> str:
 
 
 def report_markdown(info: dict) -> str:
-    lines = ["| source (left out with its family) | kind | n | refused | category accuracy |",
-             "|---|---|---|---|---|"]  # fmt: skip
-    for name, f in info["leave_one_source_out"].items():
+    """The leave-one-source-out table and pools (none for a ``--hold-out`` head), then the
+    head's decisions on every source it never trained on."""
+    lines = []
+    if info["leave_one_source_out"]:
+        lines += _decisions_table("source (left out with its family)", info["leave_one_source_out"])
+        lines += ["", "| pool | AUROC | harmful refused | benign refused |", "|---|---|---|---|"]
+        for name, s in info["summary"].items():
+            value = "–" if s["auroc"] is None else f"{s['auroc']:.3f}"
+            lines.append(f"| {name} | {value} | {_pct(s.get('refused_harmful'))} "
+                         f"| {_pct(s.get('refused_benign'))} |")  # fmt: skip
+        lines.append("")
+    kinds = {name: kind(name) for name in info["shipped_head_on_yardsticks"]}
+    lines += _decisions_table("source never trained on (the artefact's head)",
+                              {n: {"kind": kinds[n], **f} for n, f in info["shipped_head_on_yardsticks"].items()})  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def _decisions_table(title: str, figures: dict) -> list[str]:
+    lines = [f"| {title} | kind | n | refused | category accuracy |", "|---|---|---|---|---|"]
+    for name, f in figures.items():
         refused = f.get("refused_harmful", f.get("refused_benign"))
         lines.append(f"| {name} | {f['kind']} | {f['n']} | {_pct(refused)} "
                      f"| {_pct(f.get('category_accuracy'))} |")  # fmt: skip
-    lines += ["", "| pool | AUROC | harmful refused | benign refused |", "|---|---|---|---|"]
-    for name, s in info["summary"].items():
-        value = "–" if s["auroc"] is None else f"{s['auroc']:.3f}"
-        lines.append(f"| {name} | {value} | {_pct(s.get('refused_harmful'))} "
-                     f"| {_pct(s.get('refused_benign'))} |")  # fmt: skip
-    return "\n".join(lines) + "\n"
+    return lines
+
+
+def _families(text: str) -> list[str]:
+    """``--hold-out``: comma-separated families a head may be fitted without."""
+    families = [x.strip() for x in text.split(",") if x.strip()]
+    unknown = [f for f in families if f not in HOLDABLE]
+    if not families or unknown:
+        raise argparse.ArgumentTypeError(f"{text!r}: comma-separated families among {', '.join(HOLDABLE)}")
+    return sorted(set(families))
 
 
 def _layers(text: str) -> list[int]:
@@ -276,6 +322,11 @@ def main(argv=None) -> int:
     parser.add_argument("--no-client-systems", dest="client_systems", action="store_false",
                         help="skip the figures under held-out client system messages and "
                              "earlier turns")
+    parser.add_argument("--hold-out", type=_families, default=[], metavar="FAMILIES",
+                        help="fit the head without these source families (e.g. phtest,catqa), "
+                             "to measure them through a server built from the artefact "
+                             "(refusal-gateway build-model smollm2 --artefact); skips the "
+                             "leave-one-source-out sweep. Never ship such an artefact.")
     parser.add_argument("--soft-tokens-from", type=Path,
                         help="reuse the refusal vectors of this artefact instead of training them")
     args = parser.parse_args(argv)

@@ -101,8 +101,7 @@ def assemble(base: Path, artefact: Path, out: Path) -> Path:
         _add_middle_head(tmp, parts["middle_rows"], middle_layers(metadata), ids)
     end_id = turn_end_id(tokenizer)
     generation_config(base, tokenizer, end_id).save_pretrained(tmp)
-    info_file = artefact.with_name(ARTEFACT_INFO)
-    info = json.loads(info_file.read_text()) if info_file.is_file() else {}
+    info = artefact_info(artefact)
     manifest = RefusalManifest.build(
         "categorical",
         texts,
@@ -139,12 +138,29 @@ def _add_middle_head(model_dir: Path, rows, layers: list[int], ids: list[int]) -
     save_file({HEAD_WEIGHT: rows.contiguous().float()}, str(model_dir / HEAD_FILE))
 
 
-def build_smollm2_refusal(cache_dir: Path | None = None, force: bool = False) -> Path:
-    """The default model's directory, built first when missing (convert + assemble)."""
-    artefact = artefact_path()
+def artefact_info(artefact: Path) -> dict:
+    """The provenance and figures ``head_recipe`` writes beside an artefact (``.json``;
+    ``{}`` when there is none)."""
+    info_file = artefact.with_suffix(".json")
+    return json.loads(info_file.read_text()) if info_file.is_file() else {}
+
+
+def build_smollm2_refusal(
+    cache_dir: Path | None = None, force: bool = False, artefact: Path | None = None
+) -> Path:
+    """The default model's directory, built first when missing (convert + assemble).
+
+    ``artefact``: another head than the committed one, e.g. a ``head_recipe --out`` run's
+    (``--hold-out`` heads are built this way to be measured through a server); its model
+    is cached under its own hash, beside the default's."""
+    artefact = artefact or artefact_path()
     out = model_dir(cache_dir, artefact)
     if not force and (out / "refusal_manifest.json").is_file():
         return out
+    held = artefact_info(artefact).get("head", {}).get("held_out")
+    if held:
+        logger.warning("this head was fitted without %s: a measuring model, not one to serve users",
+                       ", ".join(held))  # fmt: skip
     base = convert_smollm2(cache_dir)
     logger.info("assembling the SmolLM2 refusal model in %s", out)
     out.parent.mkdir(parents=True, exist_ok=True)
