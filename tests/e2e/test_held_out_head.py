@@ -44,8 +44,7 @@ def recipe_run(shared_data, tmp_path_factory) -> Path:
 
 def test_the_server_decides_the_held_out_sources_as_the_recipe_reported(recipe_run, shared_data, tmp_path):
     from refusal_training.build import build
-    from refusal_training.head_recipe import sample
-    from refusal_training.sources import load_all
+    from refusal_training.sources import load_all, sample
 
     info = json.loads((recipe_run / "smollm2_refusal.json").read_text())
     assert info["head"]["held_out"] == sorted(HELD_OUT) and not info["leave_one_source_out"]

@@ -301,7 +301,8 @@ def test_a_held_out_head_is_the_leave_one_source_out_head_of_its_family(data_dir
     its decisions on PHTest beside the never-trained yardsticks."""
     import argparse
 
-    from refusal_training.head_recipe import _families, report_markdown
+    from refusal_training.head_recipe import _families
+    from refusal_training.head_report import report_markdown
 
     recipe, ds = _recipe_dataset(data_dir)
     recipe.augment_with_systems(ds, StandInFeatures(), 1.0, seed=0)

@@ -37,14 +37,9 @@
    figures) and ``<out>/report.md``. Copy the pair into
    ``training/refusal_training/artefacts/`` to ship it.
 
-``--hold-out phtest`` (any families, comma-separated) fits step 3's head without
-them: exactly the head step 2 fits to measure PHTest (:func:`.head_loso.training_mask`),
-as an artefact a server can load (``refusal-gateway build-model smollm2 --artefact
-<out>/smollm2_refusal.safetensors``, then ``serve --model`` the printed directory), so
-``refusal-gateway eval`` measures the held-out sources through the whole stack; its
-report lists the head's offline decisions on them, which the server must reproduce
-(``tests/e2e/test_held_out_head.py``). No sweep is run then, and its provenance names
-the families it lacks: never ship it.
+``--hold-out phtest`` fits step 3's head without those families: the very head step 2
+fits to measure them (:func:`.head_loso.training_mask`), servable (``build-model smollm2
+--artefact``) to measure them through a server; no sweep then. Never ship it.
 """
 
 from __future__ import annotations
@@ -78,19 +73,12 @@ from .head_loso import (
     training_mask,
     yardsticks,
 )
+from .head_report import report_markdown
 from .paths import cache_root
 from .soft_tokens import SoftTokenOptions, train_soft_tokens
-from .sources import kind, load_all, measured, trainable
+from .sources import load_all, measured, sample, trainable
 
 logger = logging.getLogger(__name__)
-
-
-def sample(data: dict[str, list], per_source: int, seed: int) -> dict[str, list]:
-    """``--max-rows-per-source``: a seeded sample of at most ``per_source`` rows of each
-    source, in their order (quick runs; the e2e test of a held-out head draws the same)."""
-    rng = np.random.default_rng(seed)
-    return {n: [rows[i] for i in sorted(rng.permutation(len(rows))[:per_source])]
-            for n, rows in data.items()}  # fmt: skip
 
 
 def vocab_max(base: Path, features: np.ndarray) -> np.ndarray:
@@ -231,37 +219,6 @@ def _paths(data: dict, data_dir: Path) -> dict[str, str]:
     from .sources import BY_NAME
 
     return {n: BY_NAME[n].path for n in data if n in BY_NAME}
-
-
-def _pct(v) -> str:
-    return "–" if v is None else f"{100 * v:.0f} %"
-
-
-def report_markdown(info: dict) -> str:
-    """The leave-one-source-out table and pools (none for a ``--hold-out`` head), then the
-    head's decisions on every source it never trained on."""
-    lines = []
-    if info["leave_one_source_out"]:
-        lines += _decisions_table("source (left out with its family)", info["leave_one_source_out"])
-        lines += ["", "| pool | AUROC | harmful refused | benign refused |", "|---|---|---|---|"]
-        for name, s in info["summary"].items():
-            value = "–" if s["auroc"] is None else f"{s['auroc']:.3f}"
-            lines.append(f"| {name} | {value} | {_pct(s.get('refused_harmful'))} "
-                         f"| {_pct(s.get('refused_benign'))} |")  # fmt: skip
-        lines.append("")
-    kinds = {name: kind(name) for name in info["shipped_head_on_yardsticks"]}
-    lines += _decisions_table("source never trained on (the artefact's head)",
-                              {n: {"kind": kinds[n], **f} for n, f in info["shipped_head_on_yardsticks"].items()})  # fmt: skip
-    return "\n".join(lines) + "\n"
-
-
-def _decisions_table(title: str, figures: dict) -> list[str]:
-    lines = [f"| {title} | kind | n | refused | category accuracy |", "|---|---|---|---|---|"]
-    for name, f in figures.items():
-        refused = f.get("refused_harmful", f.get("refused_benign"))
-        lines.append(f"| {name} | {f['kind']} | {f['n']} | {_pct(refused)} "
-                     f"| {_pct(f.get('category_accuracy'))} |")  # fmt: skip
-    return lines
 
 
 def _families(text: str) -> list[str]:

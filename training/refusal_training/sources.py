@@ -161,3 +161,13 @@ def kind(name: str) -> str:
     if name == CORPUS:
         return "mixed"
     return BY_NAME["coconot" if name == "coconot-heldout" else name].kind
+
+
+def sample(data: dict[str, list], per_source: int, seed: int) -> dict[str, list]:
+    """``--max-rows-per-source``: a seeded sample of at most ``per_source`` rows of each
+    source, in their order (quick runs; the e2e test of a held-out head draws the same)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    return {n: [rows[i] for i in sorted(rng.permutation(len(rows))[:per_source])]
+            for n, rows in data.items()}  # fmt: skip
