@@ -65,7 +65,6 @@ from .head_loso import (
     augment_with_turns,
     client_system_view,
     earlier_turns_view,
-    family,
     fit,
     leave_one_source_out,
     per_context,
@@ -76,7 +75,7 @@ from .head_loso import (
 from .head_report import report_markdown
 from .paths import cache_root
 from .soft_tokens import SoftTokenOptions, train_soft_tokens
-from .sources import load_all, measured, sample, trainable
+from .sources import load_all, measured, sample
 
 logger = logging.getLogger(__name__)
 
@@ -184,8 +183,7 @@ def run(args: argparse.Namespace) -> dict:
                  "corpus_weight": args.corpus_weight, "pairs_weight": args.pairs_weight,
                  "held_out": sorted(held),
                  "u_dot_h_mean": float(lift.mean()),
-                 "u_dot_h_sd": float(lift.std()), "trained_on": sorted(
-                     {n for n in ds.names if trainable(n) and family(n) not in held}),
+                 "u_dot_h_sd": float(lift.std()), "trained_on": sorted(set(ds.source[train].tolist())),
                  "examples": int(train.sum()), "augmented_examples": int(ds.augmented.sum())},  # fmt: skip
         "soft_tokens": _soft_token_info(args),
         "leave_one_source_out": loso,

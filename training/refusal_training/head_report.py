@@ -26,9 +26,8 @@ def report_markdown(info: dict) -> str:
             lines.append(f"| {name} | {value} | {_pct(s.get('refused_harmful'))} "
                          f"| {_pct(s.get('refused_benign'))} |")  # fmt: skip
         lines.append("")
-    kinds = {name: kind(name) for name in info["shipped_head_on_yardsticks"]}
-    lines += _decisions_table("source never trained on (the artefact's head)",
-                              {n: {"kind": kinds[n], **f} for n, f in info["shipped_head_on_yardsticks"].items()})  # fmt: skip
+    never = {n: {"kind": kind(n), **f} for n, f in info["shipped_head_on_yardsticks"].items()}
+    lines += _decisions_table("source never trained on (the artefact's head)", never)
     return "\n".join(lines) + "\n"
 
 

@@ -50,7 +50,6 @@ logger = logging.getLogger(__name__)
 
 BUILD_VERSION = 3
 ARTEFACT = "smollm2_refusal.safetensors"
-ARTEFACT_INFO = "smollm2_refusal.json"
 SERVED_NAME = "refusal-smollm2"
 
 
