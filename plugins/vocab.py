@@ -143,6 +143,18 @@ class RefusalManifest:
     def by_id(self) -> dict[int, ControlToken]:
         return {t.id: t for t in self.tokens}
 
+    @property
+    def dtype(self) -> str | None:
+        """The precision the model asks to be served in (``"dtype"`` in the manifest).
+
+        The kit's models declare float32: their decision heads were fitted and
+        measured in it, and vLLM would otherwise serve a float32 checkpoint in
+        its platform default (bfloat16 on CPU, slower there and not the precision
+        of the figures). ``None`` leaves the choice to vLLM.
+        """
+        value = self.extra.get("dtype")
+        return value if isinstance(value, str) and value else None
+
     # -- persistence ---------------------------------------------------------
     def to_json(self) -> dict:
         return {

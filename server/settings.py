@@ -75,7 +75,9 @@ class GatewaySettings(BaseSettings):
         "(V2 on CUDA, V1 elsewhere), 'v1' or 'v2'.",
     )
     dtype: str | None = Field(
-        None, description="vLLM --dtype; default float32 for the demo model, vLLM's own otherwise."
+        None,
+        description="vLLM --dtype; default: what the model's manifest declares (float32 for "
+        "the kit's models), vLLM's own otherwise.",
     )
     cache_dir: Path = Field(
         default_factory=_default_cache_dir,

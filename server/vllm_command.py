@@ -17,7 +17,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from refusal_plugins.vocab import RefusalManifest
+from refusal_plugins.vocab import MANIFEST_FILE, RefusalManifest
 
 from .settings import BUILT_MODELS, GatewaySettings
 
@@ -81,6 +81,18 @@ def cpu_engine() -> bool:
     return current_platform.is_cpu()
 
 
+def declared_dtype(model_dir: Path) -> str | None:
+    """The dtype the model's manifest asks for (``RefusalManifest.dtype``), if any.
+
+    So a kit-built model served by its directory (``serve --model DIR``, e.g. a
+    ``build-model --artefact`` head) gets the precision its figures were measured
+    in, as the named models do, without the user knowing to pass ``--dtype``.
+    """
+    if not (model_dir / MANIFEST_FILE).is_file():
+        return None
+    return RefusalManifest.load(model_dir).dtype
+
+
 #: vLLM's flags that decide chunked prefill; a user who sets one keeps it.
 CHUNKED_PREFILL_FLAGS = ("--enable-chunked-prefill", "--no-enable-chunked-prefill")
 
@@ -101,7 +113,9 @@ def build_command(
         "--middleware", MIDDLEWARE,
         "--logits-processors", PROCESSORS[runner],
     ]  # fmt: skip
-    dtype = settings.dtype or ("float32" if settings.model in BUILT_MODELS else None)
+    dtype = settings.dtype or declared_dtype(model_dir)
+    if dtype is None and settings.model in BUILT_MODELS:
+        dtype = "float32"  # named models built before their manifests declared it
     if dtype and "--dtype" not in vllm_args:
         cmd += ["--dtype", dtype]
     if not any(a.split("=")[0] == "--shutdown-timeout" for a in vllm_args):

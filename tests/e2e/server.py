@@ -49,12 +49,14 @@ def running_server(
     args: Sequence[str] = (),
     env: dict[str, str] | None = None,
     timeout_s: float = 600,
+    dtype: str | None = "float32",
 ) -> Iterator[Server]:
+    """``dtype=None`` leaves it to the launcher (the model's manifest, else vLLM)."""
     port = free_port()
     cmd = [
         sys.executable, "-m", "refusal_gateway.cli", "serve",
-        "--model", str(model_dir), "--served-model-name", MODEL_NAME,
-        "--port", str(port), "--dtype", "float32",
+        "--model", str(model_dir), "--served-model-name", MODEL_NAME, "--port", str(port),
+        *(["--dtype", dtype] if dtype else []),
         "--enforce-eager", "--max-model-len", "512", "--canary-interval-s", "0", *args,
     ]  # fmt: skip
     full_env = {

@@ -58,7 +58,11 @@ def test_the_server_decides_the_held_out_sources_as_the_recipe_reported(recipe_r
         files.append(path)
     model = build("smollm2", artefact=recipe_run / "smollm2_refusal.safetensors")
     assert model != build("smollm2")  # its own directory, beside the default model's
-    with running_server(model, tmp_path / "vllm.log", ["--max-model-len", "1024"]) as server:
+    # No --dtype: the built model's manifest asks the launcher for float32, the precision
+    # of the recipe's figures (vLLM's own default on CPU is bfloat16).
+    log = tmp_path / "vllm.log"
+    with running_server(model, log, ["--max-model-len", "1024"], dtype=None) as server:
+        assert "dtype=torch.float32" in log.read_text()
         proc = subprocess.run(
             [sys.executable, "-m", "refusal_gateway.cli", "eval", "--url", server.base_url,
              *map(str, files), "--out", str(tmp_path / "eval"), "--no-progress", "--no-plot"],

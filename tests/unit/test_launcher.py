@@ -27,6 +27,29 @@ def test_command_loads_layer_and_processor_and_passes_vllm_args_through(tmp_path
     assert "refusal_plugins.v2:RefusalLogitsProcessorV2" in demo and "float32" in demo
 
 
+def test_a_model_served_by_its_directory_gets_the_dtype_its_manifest_declares(tmp_path):
+    """A kit-built head served by path (``build-model --artefact``) runs in float32 as the
+    named models do; a manifest that declares nothing leaves vLLM its own choice."""
+    declaring, silent = tmp_path / "kit", tmp_path / "other"
+    for model_dir, extra in ((declaring, {"dtype": "float32"}), (silent, {})):
+        model_dir.mkdir()
+        manifest = categorical_manifest()
+        manifest.extra.update(extra)
+        manifest.save(model_dir)
+
+    def dtype(model_dir, vllm_args=(), **settings):
+        cmd = launcher.build_command(
+            GatewaySettings(model=str(model_dir), **settings), model_dir, "v1", list(vllm_args)
+        )
+        assert cmd.count("--dtype") <= 1
+        return cmd[cmd.index("--dtype") + 1] if "--dtype" in cmd else None
+
+    assert dtype(declaring) == "float32"
+    assert dtype(silent) is None
+    assert dtype(declaring, dtype="bfloat16") == "bfloat16"  # the operator's setting wins
+    assert dtype(declaring, ["--dtype", "half"]) == "half"  # and so does a vLLM flag
+
+
 def test_environment_carries_the_resolved_settings(tmp_path, monkeypatch):
     settings = GatewaySettings(refusal_content="copy")
     env = launcher.build_env(settings, tmp_path, "v1", {"VLLM_CPU_KVCACHE_SPACE": "3"})

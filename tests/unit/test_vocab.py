@@ -60,3 +60,14 @@ def test_build_keeps_distinct_ids_checked():
         RefusalManifest.build(
             "binary", {"respond": "a", "refuse": "b"}, {"respond": 1, "refuse": 1}
         )
+
+
+@pytest.mark.parametrize(
+    "extra, dtype",
+    [({"dtype": "float32"}, "float32"), ({}, None), ({"dtype": ""}, None), ({"dtype": 32}, None)],
+)
+def test_the_declared_dtype_is_a_string_or_nothing(extra, dtype):
+    """The launcher passes it to vLLM's --dtype; anything but a name leaves vLLM's default."""
+    texts = {"respond": "<yes>", "refuse": "<no>"}
+    manifest = RefusalManifest.build("binary", texts, {"respond": 3, "refuse": 7}, extra=extra)
+    assert RefusalManifest.from_json(manifest.to_json()).dtype == dtype

@@ -171,7 +171,7 @@ def _train_tokenizer(examples: list[Example], recipe: DemoRecipe):
 def _manifest(tokenizer) -> RefusalManifest:
     texts = {key: default_token_text(key) for key in scheme_keys("categorical")}
     ids = {key: tokenizer.convert_tokens_to_ids(text) for key, text in texts.items()}
-    return RefusalManifest.build("categorical", texts, ids)
+    return RefusalManifest.build("categorical", texts, ids, extra={"dtype": "float32"})
 
 
 def build_demo_model(

@@ -48,7 +48,7 @@ from .soft_tokens import newline_id
 
 logger = logging.getLogger(__name__)
 
-BUILD_VERSION = 3
+BUILD_VERSION = 4  # 4: the manifest declares its dtype
 ARTEFACT = "smollm2_refusal.safetensors"
 SERVED_NAME = "refusal-smollm2"
 
@@ -107,7 +107,7 @@ def assemble(base: Path, artefact: Path, out: Path) -> Path:
         dict(zip(keys, ids, strict=True)),
         extra={"base_model": str(base), "created_by": "refusal_training.smollm2_model",
                "artefact_sha256": hashlib.sha256(artefact.read_bytes()).hexdigest(),
-               "head": info.get("head", {})},
+               "head": info.get("head", {}), "dtype": "float32"},
     )  # fmt: skip
     manifest.save(tmp)  # last: a manifest marks a finished model
     shutil.rmtree(out, ignore_errors=True)
