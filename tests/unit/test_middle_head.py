@@ -153,6 +153,7 @@ def test_cached_layers_are_not_extracted_again(tmp_path, monkeypatch):
     np.testing.assert_array_equal(again[1][0], first[0][1])  # cached rows come back unchanged
     features.decision_features_at(tmp_path / "model", ["w8", "w5"], cache, [3], 2)
     assert calls[2] == [3]  # "w5" lacked layer 3 only
+    assert not list(cache.rglob("*.tmp.*"))  # each file written aside, then replaced whole
 
 
 def test_only_a_middle_layer_can_be_read(tmp_path):

@@ -90,9 +90,12 @@ class FeatureCache:
         for offset, (key, _) in enumerate(new):
             self._index[key] = start + offset
         self.dir.mkdir(parents=True, exist_ok=True)
+        # Each file replaced whole, rows first: a run killed mid-write (or a reader in
+        # another process) finds an index no newer than the rows, never a torn file.
         np.save(self.dir / "rows.tmp.npy", self._rows)
         (self.dir / "rows.tmp.npy").replace(self.dir / "rows.npy")
-        (self.dir / "index.json").write_text(json.dumps(self._index))
+        (self.dir / "index.tmp.json").write_text(json.dumps(self._index))
+        (self.dir / "index.tmp.json").replace(self.dir / "index.json")
 
 
 def prompt_ids(tokenizer, prompt: str, system: Before = None) -> list[int]:
