@@ -77,7 +77,7 @@ class GatewaySettings(BaseSettings):
     dtype: str | None = Field(
         None,
         description="vLLM --dtype; default: what the model's manifest declares (float32 for "
-        "the kit's models), vLLM's own otherwise.",
+        "the built-in models, the saved dtype for train's), vLLM's own otherwise.",
     )
     cache_dir: Path = Field(
         default_factory=_default_cache_dir,

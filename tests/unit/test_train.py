@@ -478,6 +478,7 @@ def test_output_is_a_complete_refusal_token_model(bases, trained, arch):
     assert rows == model.config.vocab_size == len(tokenizer)  # grown, not padded
     config = json.loads((out / "config.json").read_text())
     assert config["dtype"] == "float32" and config["tie_word_embeddings"] == (arch == "qwen2")
+    assert manifest.dtype == "float32"  # the launcher serves it as saved, not downcast
     # The generation prompt is the base template's, unchanged.
     base_tok = AutoTokenizer.from_pretrained(base)
     ensure_chat_template(base_tok)

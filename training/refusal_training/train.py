@@ -168,9 +168,8 @@ def train_refusal_model(options: TrainOptions) -> TrainResult:
     model = AutoModelForCausalLM.from_pretrained(
         base, dtype=_resolve_dtype(options.dtype), local_files_only=True
     )
-    save_dtype = _resolve_dtype(
-        _base_dtype(base) if options.save_dtype == "auto" else options.save_dtype
-    )
+    save_name = _base_dtype(base) if options.save_dtype == "auto" else options.save_dtype
+    save_dtype = _resolve_dtype(save_name)
     resize_embeddings(model, tokenizer, new_ids, base_vocab)
     model.to(device)
     if options.lora:
@@ -219,7 +218,9 @@ def train_refusal_model(options: TrainOptions) -> TrainResult:
         options.scheme,
         texts,
         dict(zip(texts, control_ids, strict=True)),
-        extra={"base_model": str(base), "created_by": "refusal-gateway train"},
+        # Served in the precision it was saved in (RefusalManifest.dtype): vLLM would
+        # otherwise downcast float32 weights (to bfloat16 on CPU) and move near-tied decisions.
+        extra={"base_model": str(base), "created_by": "refusal-gateway train", "dtype": save_name},
     )
     result = TrainResult(
         out, manifest, losses, len(examples), len(holdout), checkpointer.restored_step
