@@ -113,16 +113,16 @@ def build_command(
         "--middleware", MIDDLEWARE,
         "--logits-processors", PROCESSORS[runner],
     ]  # fmt: skip
+    given = {a.split("=")[0] for a in vllm_args}  # the user's flags, "--flag=value" too
     dtype = settings.dtype or declared_dtype(model_dir)
     if dtype is None and settings.model in BUILT_MODELS:
         dtype = "float32"  # named models built before their manifests declared it
-    if dtype and "--dtype" not in vllm_args:
+    if dtype and "--dtype" not in given:
         cmd += ["--dtype", dtype]
-    if not any(a.split("=")[0] == "--shutdown-timeout" for a in vllm_args):
+    if "--shutdown-timeout" not in given:
         # On SIGTERM vLLM's engine then admits nothing new and finishes what it
         # has for up to this long ("drain") instead of aborting it at once.
         cmd += ["--shutdown-timeout", str(max(0, round(settings.shutdown_grace_s)))]
-    given = {a.split("=")[0] for a in vllm_args}
     if (cpu_engine() if cpu is None else cpu) and not given & set(CHUNKED_PREFILL_FLAGS):
         # vLLM 0.32's CPU worker dies on any seeded request whose prompt is prefilled in
         # chunks (it rewinds the request's torch.Generator with set_offset, which CPU

@@ -48,6 +48,7 @@ def test_a_model_served_by_its_directory_gets_the_dtype_its_manifest_declares(tm
     assert dtype(silent) is None
     assert dtype(declaring, dtype="bfloat16") == "bfloat16"  # the operator's setting wins
     assert dtype(declaring, ["--dtype", "half"]) == "half"  # and so does a vLLM flag
+    assert dtype(declaring, ["--dtype=half"]) is None  # in either spelling, given once
 
 
 def test_environment_carries_the_resolved_settings(tmp_path, monkeypatch):
